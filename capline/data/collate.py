@@ -1,0 +1,116 @@
+"""From raw samples to a model-ready batch: decode, resize/crop to uint8, pick and encode captions, pad."""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+from capline.data.decode import SkipCounter, SkipSample, decode_sample
+from capline.data.pipeline import pad_sequences, stable_seed
+from capline.vocab import Vocabulary, tokenize
+
+log = logging.getLogger(__name__)
+
+_INTERPOLATION = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "nearest": Image.NEAREST,
+    "lanczos": Image.LANCZOS,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+}
+
+
+class ImageTransform:
+    """timm's evaluation transform (resize the short side to size / crop_pct, centre crop), ending in uint8.
+
+    Normalisation by the data config's mean/std happens on the device, in `TimmEncoder`. No random flips:
+    captions say "left of" and "right of".
+    """
+
+    def __init__(self, data_config: dict):
+        self.size = int(data_config["input_size"][-1])
+        self.resize_to = int(np.floor(self.size / data_config.get("crop_pct", 1.0)))
+        self.interpolation = _INTERPOLATION[data_config.get("interpolation", "bicubic")]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        w, h = img.size
+        scale = self.resize_to / min(w, h)
+        new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), self.interpolation, reducing_gap=3.0)
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def reference_ids(caption: str, vocab: Vocabulary, max_len: int) -> list[int]:
+    """Encodes a reference for CIDEr-D: words outside the vocabulary get their own stable ids >= len(vocab),
+    so the score equals the one computed on the words themselves."""
+    return [
+        vocab.index[w] if w in vocab.index else len(vocab) + (zlib.crc32(w.encode()) & 0x3FFFFFFF)
+        for w in tokenize(caption)[:max_len]
+    ]
+
+
+class CaptionBatcher:
+    """Builds a batch from raw samples; bad samples are dropped and counted.
+
+    A batch is a dict: `images` uint8 (B, 3, H, W); `tokens` (B, T) `<start> words <end>` padded with 0;
+    `refs` (B, R, L) every reference as ids (evaluation only); `image_ids` (B,); `keys`; `skipped` (reasons,).
+
+    Args:
+        vocab: The vocabulary.
+        transform: Image transform to uint8 tensors.
+        max_len: Most words kept per caption (longer captions are truncated).
+        max_refs: Most references kept per image for scoring.
+        train: Draw one random reference per image visit (else: the first, and all references in `refs`).
+        seed: Seed of the per-visit caption choice.
+    """
+
+    def __init__(self, vocab: Vocabulary, transform: ImageTransform, max_len: int, max_refs: int, train: bool, seed=0):
+        self.vocab, self.transform = vocab, transform
+        self.max_len, self.max_refs = max_len, max_refs
+        self.train, self.seed = train, seed
+
+    def __call__(self, raw_samples: list[dict], counter: SkipCounter, epoch: int) -> dict:
+        images, tokens, refs, ids, keys = [], [], [], [], []
+        for raw in raw_samples:
+            try:
+                sample = decode_sample(raw, draft_size=self.transform.resize_to)
+                images.append(self.transform(sample.image))
+            except SkipSample as skip:
+                counter.add(skip.reason)
+                log.debug("skipped sample %s: %s", raw.get("__key__"), skip)
+                continue
+            # Chosen from (seed, epoch, key), not from a stream RNG, so resuming never has to replay choices.
+            rng = random.Random(stable_seed(self.seed, epoch, sample.key))
+            caption = rng.choice(sample.captions) if self.train else sample.captions[0]
+            tokens.append(self.vocab.encode(caption, self.max_len))
+            if not self.train:
+                refs.append([reference_ids(c, self.vocab, self.max_len) for c in sample.captions[: self.max_refs]])
+            ids.append(sample.image_id)
+            keys.append(sample.key)
+        batch = {
+            "images": torch.stack(images) if images else torch.zeros(0, 3, self.transform.size, self.transform.size),
+            "tokens": pad_sequences(tokens),
+            "image_ids": torch.tensor(ids, dtype=torch.long),
+            "keys": keys,
+            "skipped": counter.take(),
+        }
+        if not self.train:
+            batch["refs"] = _pad_refs(refs, self.max_refs, self.max_len)
+        return batch
+
+
+def _pad_refs(refs: list[list[list[int]]], max_refs: int, max_len: int) -> torch.Tensor:
+    out = torch.zeros(len(refs), max_refs, max_len, dtype=torch.long)
+    for i, image_refs in enumerate(refs):
+        for j, ref in enumerate(image_refs):
+            out[i, j, : len(ref)] = torch.tensor(ref, dtype=torch.long)
+    return out

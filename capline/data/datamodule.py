@@ -1,0 +1,188 @@
+"""`CaptionDataModule`: WebDataset caption shards in, uint8 image batches and token ids out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from capline.data.collate import CaptionBatcher, ImageTransform
+from capline.data.pipeline import EvalStream, TrainStream
+from capline.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work (no matching shards, indivisible batch size...)."""
+
+
+@dataclass
+class SyntheticData:
+    """The embedded demo dataset, generated on first use (see `capline.data.synthetic`)."""
+
+    root: str = "data/synthetic"  # where the shards and vocab.json are written
+    num_train: int = 8000  # training images
+    num_val: int = 500  # validation images
+    image_size: int = 64  # pixels per side
+    seed: int = 0  # scenes are a function of (seed, index)
+
+
+def expand_shards(pattern: str | list[str], name: str) -> list[str]:
+    """Expands brace patterns; local shards must exist, remote URLs are left to webdataset to open."""
+    urls = wds.shardlists.expand_urls(pattern) if isinstance(pattern, str) else list(pattern)
+    local = [u for u in urls if "://" not in u or u.startswith("file://")]
+    missing = [u for u in local if not Path(u.removeprefix("file://")).is_file()]
+    if urls and len(missing) == len(urls):
+        raise DataConfigError(f"data.{name} pattern {pattern!r} matches no file")
+    if missing:
+        raise DataConfigError(f"data.{name}: {len(missing)} of {len(urls)} shards are missing, e.g. {missing[0]!r}")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Sums the per-shard sample counts of the `*-index.json` files next to local shards, if they cover all."""
+    counts: dict[str, int] = {}
+    for folder in {Path(u.removeprefix("file://")).parent for u in urls}:
+        for index in folder.glob("*-index.json"):
+            try:
+                entries = json.loads(index.read_text())["shards"]
+                counts.update({str(folder / e["name"]): int(e["num_samples"]) for e in entries})
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("ignoring unreadable shard index %s", index)
+    paths = [str(Path(u.removeprefix("file://"))) for u in urls]
+    return sum(counts[p] for p in paths) if all(p in counts for p in paths) else None
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Streams caption shards to every rank.
+
+    Args:
+        train_shards: Training shards: a brace pattern (`data/train-{000000..000099}.tar`), local or any URL
+            webdataset opens, or a list.
+        val_shards: Validation shards; every image is scored exactly once across all ranks.
+        test_shards: Test shards, read like validation.
+        vocab: The `vocab.json` written by `tools/make_shards.py`.
+        synthetic: Generate the embedded demo dataset on first use and read it (overrides the paths above).
+        global_batch_size: Images per optimizer step over all devices; each device gets global / world size.
+        eval_batch_size: Images per device per evaluation batch (default: the per-device training batch).
+        num_workers: Dataloader worker processes per device.
+        samples_per_epoch: Training images per epoch over all ranks (default: the count in the shard index).
+        max_len: Most words per caption; longer captions are truncated.
+        max_refs: Most reference captions per image used for scoring.
+        shuffle_buffer: Samples held in each worker's shuffle buffer.
+        seed: Seed of the data order (with the epoch, rank and worker).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
+        vocab: str | None = None,
+        synthetic: SyntheticData | None = None,
+        global_batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        samples_per_epoch: int | None = None,
+        max_len: int = 20,
+        max_refs: int = 5,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if synthetic is not None:
+            from capline.data.synthetic import ensure_synthetic_dataset
+
+            made = ensure_synthetic_dataset(
+                synthetic.root, synthetic.num_train, synthetic.num_val, synthetic.image_size, synthetic.seed
+            )
+            train_shards, val_shards, vocab = made["train_shards"], made["val_shards"], made["vocab"]
+            test_shards = test_shards or val_shards
+        if vocab is None:
+            raise DataConfigError("data.vocab is not set; point it to the vocab.json written by tools/make_shards.py")
+        self.vocab = Vocabulary.load(vocab)
+        self.vocab_file = str(vocab)
+        self.shards = {
+            name: expand_shards(pattern, name) if pattern else None
+            for name, pattern in [("train_shards", train_shards), ("val_shards", val_shards), ("test_shards", test_shards)]
+        }
+        if global_batch_size < 1:
+            raise DataConfigError(f"data.global_batch_size must be positive, got {global_batch_size}")
+        self.save_hyperparameters()
+        self.global_batch_size, self.num_workers, self.seed = global_batch_size, num_workers, seed
+        self.max_len, self.max_refs = max_len, max_refs
+        self.samples_per_epoch, self.shuffle_buffer = samples_per_epoch, shuffle_buffer
+        self.eval_batch_size = eval_batch_size
+        self.rank, self.world_size = 0, 1
+        self.image_config: dict | None = None
+        self.train_stream: TrainStream | None = None
+
+    def per_device_batch_size(self, world_size: int) -> int:
+        if self.global_batch_size % world_size:
+            raise DataConfigError(
+                f"data.global_batch_size {self.global_batch_size} is not divisible by the world size {world_size}; "
+                f"use a multiple of {world_size}"
+            )
+        return self.global_batch_size // world_size
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+            self.image_config = self.trainer.lightning_module.encoder.data_config
+        if self.image_config is None:
+            raise DataConfigError("CaptionDataModule needs image_config (the encoder's timm data config)")
+        self.batch_size = self.per_device_batch_size(self.world_size)
+        self.transform = ImageTransform(self.image_config)
+
+    def _batcher(self, train: bool) -> CaptionBatcher:
+        return CaptionBatcher(self.vocab, self.transform, self.max_len, self.max_refs, train=train, seed=self.seed)
+
+    def _require(self, name: str) -> list[str]:
+        if not self.shards[name]:
+            raise DataConfigError(f"data.{name} is not set")
+        return self.shards[name]
+
+    def train_dataloader(self) -> DataLoader:
+        urls = self._require("train_shards")
+        samples = self.samples_per_epoch or count_samples(urls)
+        if samples is None:
+            raise DataConfigError("data.samples_per_epoch is not set and the shards have no *-index.json to count")
+        batches = max(1, samples // self.global_batch_size)
+        self.train_stream = TrainStream(
+            urls, self._batcher(train=True), self.batch_size, self.rank, self.world_size,
+            batches_per_epoch=batches, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+        )  # fmt: skip
+        return self._loader(self.train_stream)
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        stream = EvalStream(
+            self._require(name), self._batcher(train=False), self.eval_batch_size or self.batch_size,
+            self.rank, self.world_size,
+        )  # fmt: skip
+        return self._loader(stream)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val_shards")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test_shards")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test_shards")
+
+    def _loader(self, stream) -> DataLoader:
+        return DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, pin_memory=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )  # fmt: skip
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at each training epoch start, before the loader's workers are created."""
+        if self.train_stream is not None:
+            self.train_stream.set_epoch(epoch)

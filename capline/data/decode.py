@@ -1,0 +1,130 @@
+"""Turning one raw WebDataset sample into a checked image and its captions, or a counted skip."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Decompression bombs are refused by pixel count (PIL's own limit only warns below 2x its default).
+MAX_IMAGE_PIXELS = 64_000_000
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+# Every reason a sample can be skipped, in the fixed order used by the per-batch skip counts.
+SKIP_REASONS = (
+    "corrupt_image",
+    "missing_image",
+    "missing_captions",
+    "bad_json",
+    "empty_captions",
+    "image_too_large",
+    "broken_shard",
+)
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; `reason` is one of `SKIP_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class SkipCounter:
+    """Counts skips by reason in one process; `take()` hands over what was counted since the last call."""
+
+    def __init__(self):
+        self.pending = Counter()
+
+    def add(self, reason: str) -> None:
+        self.pending[reason] += 1
+
+    def take(self) -> torch.Tensor:
+        counts = torch.tensor([self.pending.get(r, 0) for r in SKIP_REASONS], dtype=torch.long)
+        self.pending.clear()
+        return counts
+
+
+@dataclass
+class Sample:
+    key: str
+    image_id: int
+    image: Image.Image
+    captions: list[str]
+
+
+def image_id_to_int(image_id) -> int:
+    """COCO ids are ints; any other id is mapped to a stable non-negative int."""
+    try:
+        return int(image_id)
+    except (TypeError, ValueError):
+        return zlib.crc32(str(image_id).encode()) & 0x7FFFFFFF
+
+
+def parse_meta(raw: bytes | None) -> tuple[int, list[str]]:
+    """Parses `<key>.json`; returns (image_id, non-empty captions) or raises `SkipSample`."""
+    if raw is None:
+        raise SkipSample("missing_captions", "no .json member")
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SkipSample("bad_json", str(err)) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("captions"), list):
+        raise SkipSample("bad_json", 'expected {"image_id": ..., "captions": [...]}')
+    captions = [c.strip() for c in meta["captions"] if isinstance(c, str) and c.strip()]
+    if not captions:
+        raise SkipSample("empty_captions", "no non-empty caption")
+    return image_id_to_int(meta.get("image_id")), captions
+
+
+def open_image(raw: bytes, draft_size: int | None = None) -> Image.Image:
+    """Decodes image bytes to RGB; JPEGs much larger than `draft_size` are decoded at reduced scale (faster)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise SkipSample("image_too_large", f"{img.width}x{img.height} pixels")
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+    except SkipSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise SkipSample("image_too_large", str(err)) from None
+    except Exception as err:  # PIL raises many types for broken data (OSError, SyntaxError, ValueError...)
+        raise SkipSample("corrupt_image", f"{type(err).__name__}: {err}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Converts grayscale, 16-bit, palette, CMYK and alpha images to 8-bit RGB (alpha composited on white)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / max(arr.max(), 1.0)
+        img = Image.fromarray((arr * scale).clip(0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def decode_sample(raw: dict, draft_size: int | None = None) -> Sample:
+    """Decodes a raw sample dict (`__key__`, `jpg`/`png`, `json` bytes) or raises `SkipSample`."""
+    image_id, captions = parse_meta(raw.get("json"))
+    data = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
+    if data is None:
+        raise SkipSample("missing_image", "no .jpg or .png member")
+    return Sample(raw["__key__"], image_id, open_image(data, draft_size), captions)

@@ -1,0 +1,177 @@
+"""LSTM caption decoders: Show and Tell, and Show, Attend and Tell.
+
+Both expose the same small interface, so sampling, scheduled sampling, greedy and beam search are written once:
+`init_state(features)` returns a dict of batch-first tensors, `step(tokens, state)` advances one word, and
+`forward(features, tokens)` scores a whole teacher-forced sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+State = dict[str, torch.Tensor]
+
+
+class CaptionDecoder(nn.Module):
+    """Shared decoding logic; subclasses implement `init_state`, `step` and may override `forward`."""
+
+    vocab_size: int
+
+    def init_state(self, features: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Feeds tokens (B,) and returns logits (B, V) for the next word and the new state."""
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: tokens (B, T) starting with `<start>` -> logits (B, T, V) for the next words."""
+        state = self.init_state(features)
+        logits = []
+        for t in range(tokens.shape[1]):
+            step_logits, state = self.step(tokens[:, t], state)
+            logits.append(step_logits)
+        return torch.stack(logits, dim=1)
+
+    def forward_scheduled(
+        self, features: torch.Tensor, tokens: torch.Tensor, ss_prob: float, sample: bool = True
+    ) -> torch.Tensor:
+        """Scheduled sampling (Bengio et al. 2015): each input token after `<start>` is, with probability
+        `ss_prob`, replaced by the model's own previous prediction (sampled from its distribution, or argmax).
+
+        Returns logits (B, T, V), like `forward`.
+        """
+        if ss_prob <= 0.0:
+            return self(features, tokens)
+        state = self.init_state(features)
+        logits, inputs = [], tokens[:, 0]
+        for t in range(tokens.shape[1]):
+            step_logits, state = self.step(inputs, state)
+            logits.append(step_logits)
+            if t + 1 < tokens.shape[1]:
+                inputs = self._mix_inputs(tokens[:, t + 1], step_logits.detach(), ss_prob, sample)
+        return torch.stack(logits, dim=1)
+
+    @staticmethod
+    def _mix_inputs(truth: torch.Tensor, logits: torch.Tensor, ss_prob: float, sample: bool) -> torch.Tensor:
+        use_model = torch.rand(truth.shape, device=truth.device) < ss_prob  # (B,)
+        if sample:
+            own = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(1)
+        else:
+            own = logits.argmax(dim=-1)
+        return torch.where(use_model, own, truth)
+
+    @staticmethod
+    def reorder_state(state: State, index: torch.Tensor) -> State:
+        """Selects batch rows of every state tensor (beam search reorders hypotheses with this)."""
+        return {k: v.index_select(0, index) for k, v in state.items()}
+
+
+class ShowTellDecoder(CaptionDecoder):
+    """Show and Tell (Vinyals et al. 2015): the projected image is the LSTM's first input, then the words.
+
+    Args:
+        vocab_size: Number of words, special tokens included (filled in from the vocabulary).
+        feature_dim: Channels of the encoder's feature map (filled in from the encoder).
+        embed_dim: Word and image embedding size.
+        hidden_dim: LSTM hidden size.
+        num_layers: Stacked LSTM layers.
+        dropout: Dropout on embeddings, between LSTM layers and before the output layer.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.3,
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.image_proj = nn.Linear(feature_dim, embed_dim)
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = nn.LSTM(
+            embed_dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_dim, vocab_size)
+
+    def _image_input(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = features.mean(dim=(2, 3))  # (B, C)
+        return self.dropout(self.image_proj(pooled)).unsqueeze(1)  # (B, 1, E)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        _, (h, c) = self.lstm(self._image_input(features))
+        return {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}  # (B, L, H): batch-first so beams can reorder
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
+        out, (h, c) = self.lstm(self.dropout(self.embed(tokens)).unsqueeze(1), hc)  # out (B, 1, H)
+        return self.head(self.dropout(out.squeeze(1))), {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        # One fused cuDNN/MKL LSTM call over [image, words]: teacher forcing stays fast.
+        inputs = torch.cat([self._image_input(features), self.dropout(self.embed(tokens))], dim=1)  # (B, 1+T, E)
+        out, _ = self.lstm(inputs)
+        return self.head(self.dropout(out[:, 1:]))  # (B, T, V)
+
+
+class AttentionDecoder(CaptionDecoder):
+    """Show, Attend and Tell (Xu et al. 2015): additive attention over the feature map at every word.
+
+    The attention weights of the last step are kept in the state as `alpha` (B, h*w), so inference can draw them.
+
+    Args:
+        vocab_size: Number of words, special tokens included (filled in from the vocabulary).
+        feature_dim: Channels of the encoder's feature map (filled in from the encoder).
+        embed_dim: Word embedding size.
+        hidden_dim: LSTM hidden size.
+        attention_dim: Size of the additive attention's hidden layer.
+        dropout: Dropout before the output layer and on embeddings.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        attention_dim: int = 512,
+        dropout: float = 0.3,
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.feature_proj = nn.Linear(feature_dim, attention_dim)
+        self.hidden_proj = nn.Linear(hidden_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+        self.gate = nn.Linear(hidden_dim, feature_dim)  # the paper's beta gate on the context
+        self.init_h = nn.Linear(feature_dim, hidden_dim)
+        self.init_c = nn.Linear(feature_dim, hidden_dim)
+        self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_dim, vocab_size)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        feats = features.flatten(2).transpose(1, 2)  # (B, N, C) with N = h*w
+        mean = feats.mean(dim=1)
+        return {
+            "feats": feats,
+            "feats_proj": self.feature_proj(feats),  # (B, N, A): computed once, reused at every word
+            "h": torch.tanh(self.init_h(mean)),
+            "c": torch.tanh(self.init_c(mean)),
+            "alpha": feats.new_zeros(feats.shape[:2]),
+        }
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        h, c, feats = state["h"], state["c"], state["feats"]
+        energy = self.score(torch.tanh(state["feats_proj"] + self.hidden_proj(h).unsqueeze(1))).squeeze(2)
+        alpha = F.softmax(energy.float(), dim=1).to(feats.dtype)  # (B, N)
+        context = torch.sigmoid(self.gate(h)) * (alpha.unsqueeze(2) * feats).sum(dim=1)  # (B, C)
+        h, c = self.cell(torch.cat([self.dropout(self.embed(tokens)), context], dim=1), (h, c))
+        new_state = {**state, "h": h, "c": c, "alpha": alpha}
+        return self.head(self.dropout(h)), new_state

@@ -1,0 +1,90 @@
+"""The image encoder: any timm CNN, returning its last feature map."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+
+class EncoderConfigError(ValueError):
+    """An encoder name or weights file that cannot be used."""
+
+
+def check_model_name(model_name: str) -> None:
+    """Raises `EncoderConfigError` naming close matches when timm has no model called `model_name`."""
+    if timm.is_model(model_name):
+        return
+    close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for valid names"
+    raise EncoderConfigError(f"unknown timm model {model_name!r}{hint}")
+
+
+class TimmEncoder(nn.Module):
+    """A timm backbone without its classifier, normalising uint8 images itself.
+
+    The data pipeline hands over uint8 tensors (4x less to copy to the device than float32); the mean/std of the
+    backbone's timm data config are applied here, on the device.
+
+    Args:
+        model_name: Any `timm.create_model` name, e.g. `resnet50`.
+        pretrained: Load pretrained weights (from the hub, or from `checkpoint_path` when given).
+        checkpoint_path: A local weights file (`.pth`/`.safetensors`) used instead of the hub when `pretrained`.
+        img_size: Input resolution; overrides the backbone's default data config (224 for most CNNs).
+        crop_pct: Centre-crop fraction of the resize; 1.0 keeps the whole image (the synthetic scenes need it).
+        trainable_stages: When the encoder is fine-tuned, train only its last N stages (timm's coarse parameter
+            groups); None trains all of it. Stages outside are frozen for good.
+        channels_last: Run the backbone in channels-last memory format (faster convolutions on GPU).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "resnet50",
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        img_size: int | None = None,
+        crop_pct: float | None = None,
+        trainable_stages: int | None = None,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        check_model_name(model_name)
+        overlay = None
+        if checkpoint_path is not None:
+            if not Path(checkpoint_path).is_file():
+                raise EncoderConfigError(f"encoder checkpoint_path {checkpoint_path!r} does not exist")
+            overlay = {"file": str(checkpoint_path)}
+        self.backbone = timm.create_model(
+            model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, num_classes=0, global_pool=""
+        )
+        self.num_features: int = self.backbone.num_features
+        self.data_config = timm.data.resolve_model_data_config(self.backbone)
+        if img_size is not None:
+            self.data_config["input_size"] = (3, img_size, img_size)
+        if crop_pct is not None:
+            self.data_config["crop_pct"] = crop_pct
+        self.channels_last = channels_last
+        mean = torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.data_config["std"]).view(1, 3, 1, 1) * 255
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self._freeze_outside_last_stages(trainable_stages)
+
+    def _freeze_outside_last_stages(self, trainable_stages: int | None) -> None:
+        if trainable_stages is None:
+            return
+        groups = timm.models.group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        keep = {name for gid in sorted(groups)[-trainable_stages:] for name in groups[gid]} if trainable_stages else set()
+        # Frozen for good: DDP never registers these, which is correct since they never receive a gradient.
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_(name in keep)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Maps images (B, 3, H, W), uint8 in [0, 255] or float already scaled to it, to features (B, C, h, w)."""
+        x = (images.float() - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone.forward_features(x)

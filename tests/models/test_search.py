@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from capline.models import AttentionDecoder, ShowTellDecoder, beam_search, greedy_search
+from capline.models.search import END, PAD, _banned_trigram_words
+
+V = 12
+
+
+def make(decoder_cls, seed=0):
+    torch.manual_seed(seed)
+    decoder = decoder_cls(V, 8, embed_dim=16, hidden_dim=16).eval()
+    features = torch.randn(5, 8, 2, 2) * 3
+    return decoder, features
+
+
+def reference_beam(decoder, features, k, max_len, length_penalty=0.0):
+    """A straightforward per-image beam search, one image and one hypothesis at a time."""
+    import torch.nn.functional as F
+
+    results = []
+    for i in range(features.shape[0]):
+        start = decoder.init_state(features[i : i + 1])
+        beams = [([], 0.0, start, False)]
+        for _ in range(max_len):
+            candidates = []
+            for words, score, state, done in beams:
+                if done:
+                    candidates.append((words + [PAD], score, state, True))
+                    continue
+                last = words[-1] if words else 1
+                logits, new_state = decoder.step(torch.tensor([last]), state)
+                logp = F.log_softmax(logits.float(), -1)[0]
+                for w in range(V):
+                    candidates.append((words + [w], score + logp[w].item(), new_state, w == END or w == PAD))
+            candidates.sort(key=lambda c: -c[1])
+            beams = candidates[:k]
+            if all(b[3] for b in beams):
+                break
+
+        def norm(b):
+            length = sum(1 for w in b[0] if w not in (PAD, END)) + (END in b[0])
+            return b[1] / max(length, 1) ** length_penalty
+
+        best = max(beams, key=norm)
+        words = best[0][: best[0].index(END) + 1] if END in best[0] else best[0]
+        results.append((words, norm(best)))
+    return results
+
+
+@pytest.mark.parametrize("decoder_cls", [ShowTellDecoder, AttentionDecoder])
+def test_beam_of_one_is_greedy(decoder_cls):
+    decoder, features = make(decoder_cls)
+    greedy, beam = greedy_search(decoder, features, 10), beam_search(decoder, features, 1, 10)
+    assert torch.equal(greedy.tokens, beam.tokens)
+    torch.testing.assert_close(greedy.scores, beam.scores)
+
+
+@pytest.mark.parametrize("decoder_cls", [ShowTellDecoder, AttentionDecoder])
+@pytest.mark.parametrize("k,penalty", [(3, 0.0), (4, 1.0)])
+def test_batched_beam_equals_per_image_beam(decoder_cls, k, penalty):
+    decoder, features = make(decoder_cls, seed=k)
+    out = beam_search(decoder, features, k, 8, length_penalty=penalty)
+    expected = reference_beam(decoder, features, k, 8, penalty)
+    for row, (words, score) in zip(range(features.shape[0]), expected):
+        got = [w for w in out.tokens[row].tolist() if w != PAD]
+        assert got == [w for w in words if w != PAD]
+        assert out.scores[row].item() == pytest.approx(score, abs=1e-4)
+
+
+def test_beam_search_finds_at_least_the_greedy_score():
+    decoder, features = make(ShowTellDecoder, seed=3)
+    assert (beam_search(decoder, features, 5, 10).scores >= greedy_search(decoder, features, 10).scores - 1e-5).all()
+
+
+def test_tokens_after_end_are_padding():
+    decoder, features = make(ShowTellDecoder, seed=1)
+    tokens = beam_search(decoder, features, 3, 12).tokens
+    for row in tokens.tolist():
+        if END in row:
+            assert all(w == PAD for w in row[row.index(END) + 1 :])
+
+
+def test_trigram_blocking():
+    assert _banned_trigram_words(torch.tensor([[4, 5, 6, 4, 5]])) == [[6]]
+    decoder, features = make(ShowTellDecoder, seed=2)
+    tokens = beam_search(decoder, features, 3, 12, block_repeated_trigrams=True).tokens
+    for row in tokens.tolist():
+        words = [w for w in row if w not in (PAD, END)]
+        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+        assert len(trigrams) == len(set(trigrams))
+
+
+def test_attention_weights_are_returned_per_word():
+    decoder, features = make(AttentionDecoder)
+    out = beam_search(decoder, features, 3, 6)
+    assert out.alphas.shape[:2] == out.tokens.shape and out.alphas.shape[2] == 4
