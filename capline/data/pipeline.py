@@ -95,15 +95,18 @@ class TrainStream(_Stream):
         for repeat in itertools.count():  # a slot that runs out of shards before the epoch ends starts over
             shards = random.Random(stable_seed(self.seed, self.epoch, slot, repeat)).sample(mine, len(mine))
             samples = self._read(shards, counter)
-            yield from itertools.islice(samples, slot, None, num_slots) if stride else samples
+            if stride:
+                samples = itertools.islice(samples, slot, None, num_slots)
+            # Shuffled within one pass over the slot's shards, so a small slot never holds a sample twice.
+            rng = random.Random(stable_seed(self.seed, self.epoch, slot, repeat, "shuffle"))
+            yield from wds.filters._shuffle(samples, self.shuffle_buffer, rng=rng)
 
     def __iter__(self) -> Iterator[dict]:
         slot, num_slots, worker, num_workers = worker_slot(self.rank, self.world_size, rotate=self.start_batch)
         quota = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
         done = self.start_batch // num_workers + (worker < self.start_batch % num_workers)
         counter = SkipCounter()
-        rng = random.Random(stable_seed(self.seed, self.epoch, slot, "shuffle"))
-        samples = wds.filters._shuffle(self._slot_samples(slot, num_slots, counter), self.shuffle_buffer, rng=rng)
+        samples = self._slot_samples(slot, num_slots, counter)
         for index in range(quota):
             chunk = list(itertools.islice(samples, self.batch_size))
             if len(chunk) < self.batch_size:
