@@ -1,0 +1,26 @@
+# capline on a CUDA PyTorch image. Build and run:
+#   docker build -t capline .
+#   docker run --gpus all --shm-size 16g -v /data/coco:/data -v $PWD/runs:/app/runs capline \
+#       fit --config configs/coco_show_tell.yaml --trainer.devices 8
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+# Java runs the official COCO caption metrics (PTB tokenizer, METEOR).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless=17.* \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY capline ./capline
+COPY configs ./configs
+COPY tools ./tools
+# torch and torchvision come with the base image; pip keeps them.
+RUN pip install --no-cache-dir . \
+    && useradd --create-home --uid 1000 capline \
+    && mkdir -p /app/runs /app/data \
+    && chown -R capline:capline /app
+
+USER 1000:1000
+ENV WANDB_DIR=/app/runs
+ENTRYPOINT ["capline"]
+CMD ["--help"]
