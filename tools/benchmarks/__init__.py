@@ -1,0 +1,1 @@
+"""Benchmarks whose `run(quick=False)` returns rows of `{"name", "value", "goal", "ok"}`."""
