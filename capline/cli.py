@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+
+import yaml
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -21,6 +24,8 @@ from capline.models.encoder import EncoderConfigError
 from capline.module import CaptionModule
 from capline.vocab import VocabError
 
+_SECRET = re.compile(r"(api[_-]?key|token|secret|password|credential)", re.IGNORECASE)
+
 # Mistakes in a config or its data: reported in one sentence, without a traceback.
 USER_ERRORS = (DataConfigError, EncoderConfigError, VocabError)
 
@@ -28,7 +33,7 @@ USER_ERRORS = (DataConfigError, EncoderConfigError, VocabError)
 class CaptionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The vocabulary is known once the data module exists (the demo generates it on first use).
-        parser.link_arguments("data.vocab_file", "model.vocab", apply_on="instantiate")
+        parser.link_arguments("data.vocab_file", "model.vocabulary", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -47,6 +52,25 @@ class CaptionCLI(LightningCLI):
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
             root = config.trainer.get("default_root_dir") or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+
+    def _log_resolved_config(self) -> None:
+        """Sends the whole resolved config (trainer, model, data...) to the loggers, secrets redacted."""
+        parser = self._parser(self.subcommand)
+        config = yaml.safe_load(parser.dump(self.config[self.subcommand], skip_check=True))
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams({"config": redact(config)})
+
+    before_fit = before_validate = before_test = _log_resolved_config
+
+
+def redact(value):
+    """Replaces the values of keys that look like credentials with "<redacted>"."""
+    if isinstance(value, dict):
+        return {k: "<redacted>" if _SECRET.search(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
 
 
 def cli_main(args: list[str] | None = None) -> CaptionCLI | None:

@@ -33,7 +33,7 @@ class CaptionModule(L.LightningModule):
     Args:
         encoder: The timm CNN.
         decoder: The decoder class and its settings; vocabulary size and feature size are filled in.
-        vocab: The vocabulary: a `vocab.json` path (linked from `data.vocab` by the CLI) or its word list.
+        vocabulary: The vocabulary: a `vocab.json` path (filled in from `data.vocab` by the CLI) or its word list.
         optimizer: Optimizer for all trainable parameters; its `lr` is the decoder's, per global batch.
         lr_schedule: Learning-rate multiplier over training steps.
         encoder_finetuning: When the encoder starts training, and at which rate.
@@ -48,7 +48,7 @@ class CaptionModule(L.LightningModule):
         self,
         encoder: TimmEncoder,
         decoder: DecoderFactory,
-        vocab: str | list[str],
+        vocabulary: str | list[str],
         optimizer: OptimizerCallable = default_optimizer,
         lr_schedule: LRSchedule | None = None,
         encoder_finetuning: EncoderFinetuning | None = None,
@@ -60,7 +60,7 @@ class CaptionModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "decoder"])
-        self.vocab = Vocabulary.load(vocab) if isinstance(vocab, str) else Vocabulary(vocab)
+        self.vocab = Vocabulary.load(vocabulary) if isinstance(vocabulary, str) else Vocabulary(vocabulary)
         self.encoder = encoder
         self.decoder = decoder(len(self.vocab), encoder.num_features)
         self.optimizer_factory = optimizer
@@ -164,8 +164,9 @@ class CaptionModule(L.LightningModule):
         # compute() gathers every rank's state once, at the end: no per-step collective can deadlock.
         results = {f"{stage}/{k}": v.float() for k, v in self.caption_metrics[stage].compute().items()}
         results[f"{stage}/loss"] = self.eval_loss[stage].compute()
-        self.log_dict(results, prog_bar=False)
-        self.log(f"{stage}/cider", results[f"{stage}/cider"], prog_bar=True)
+        cider = results.pop(f"{stage}/cider")
+        self.log_dict(results)
+        self.log(f"{stage}/cider", cider, prog_bar=True)
         return results
 
     def on_validation_epoch_end(self) -> None:

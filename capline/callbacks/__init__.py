@@ -1,5 +1,6 @@
 """Lightning callbacks: throughput, W&B sample tables."""
 
+from capline.callbacks.samples import CaptionSamples
 from capline.callbacks.throughput import ImagesPerSecond
 
-__all__ = ["ImagesPerSecond"]
+__all__ = ["CaptionSamples", "ImagesPerSecond"]

@@ -62,7 +62,7 @@ class CaptionBatcher:
     """Builds a batch from raw samples; bad samples are dropped and counted.
 
     A batch is a dict: `images` uint8 (B, 3, H, W); `tokens` (B, T) `<start> words <end>` padded with 0;
-    `refs` (B, R, L) every reference as ids (evaluation only); `image_ids` (B,); `keys`; `skipped` (reasons,).
+    `refs` (B, R, L) every reference as ids and `captions` their text (evaluation only); `image_ids` (B,); `keys`; `skipped` (reasons,).
 
     Args:
         vocab: The vocabulary.
@@ -79,7 +79,7 @@ class CaptionBatcher:
         self.train, self.seed = train, seed
 
     def __call__(self, raw_samples: list[dict], counter: SkipCounter, epoch: int) -> dict:
-        images, tokens, refs, ids, keys = [], [], [], [], []
+        images, tokens, refs, captions, ids, keys = [], [], [], [], [], []
         for raw in raw_samples:
             try:
                 sample = decode_sample(raw, draft_size=self.transform.resize_to)
@@ -94,6 +94,7 @@ class CaptionBatcher:
             tokens.append(self.vocab.encode(caption, self.max_len))
             if not self.train:
                 refs.append([reference_ids(c, self.vocab, self.max_len) for c in sample.captions[: self.max_refs]])
+                captions.append(sample.captions)
             ids.append(sample.image_id)
             keys.append(sample.key)
         batch = {
@@ -105,6 +106,7 @@ class CaptionBatcher:
         }
         if not self.train:
             batch["refs"] = _pad_refs(refs, self.max_refs, self.max_len)
+            batch["captions"] = captions
         return batch
 
 

@@ -97,11 +97,16 @@ class CaptionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if synthetic is not None:
+            from filelock import FileLock
+
             from capline.data.synthetic import ensure_synthetic_dataset
 
-            made = ensure_synthetic_dataset(
-                synthetic.root, synthetic.num_train, synthetic.num_val, synthetic.image_size, synthetic.seed
-            )
+            # Every rank builds the data module; the lock lets one generate while the others wait, then reuse.
+            Path(synthetic.root).mkdir(parents=True, exist_ok=True)
+            with FileLock(str(Path(synthetic.root) / ".generate.lock")):
+                made = ensure_synthetic_dataset(
+                    synthetic.root, synthetic.num_train, synthetic.num_val, synthetic.image_size, synthetic.seed
+                )
             train_shards, val_shards, vocab = made["train_shards"], made["val_shards"], made["vocab"]
             test_shards = test_shards or val_shards
         if vocab is None:

@@ -1,0 +1,84 @@
+"""A W&B table of validation images with their generated caption, references and per-sample CIDEr-D."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+
+COLUMNS = ["kind", "image_id", "image", "generated", "references", "cider"]
+
+
+class CaptionSamples(L.Callback):
+    """Logs `val/samples` at every validation: the best and worst captioned images and a fixed set of images
+    tracked across validations, so a run's progress can be read image by image.
+
+    Only rank 0 logs, from the images it scored itself; the per-sample CIDEr-D uses the document frequencies of
+    the whole validation set.
+
+    Args:
+        num_best: Highest-scoring images per table.
+        num_worst: Lowest-scoring images per table.
+        num_tracked: Images shown at every validation (the lowest image ids of the first validation).
+        thumbnail: Longest side of the images stored for the table, in pixels.
+    """
+
+    def __init__(self, num_best: int = 6, num_worst: int = 6, num_tracked: int = 6, thumbnail: int = 128):
+        self.num_best, self.num_worst, self.num_tracked = num_best, num_worst, num_tracked
+        self.thumbnail = thumbnail
+        self.tracked: list[int] = []
+        self._seen: dict[int, tuple[torch.Tensor, str, list[str]]] = {}
+
+    def state_dict(self) -> dict:
+        return {"tracked": self.tracked}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.tracked = list(state_dict.get("tracked", []))
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._seen = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.is_global_zero or outputs is None or trainer.sanity_checking:
+            return
+        images = self._thumbnails(batch["images"])
+        for i, image_id in enumerate(batch["image_ids"].tolist()):
+            caption = pl_module.vocab.decode(outputs["tokens"][i].tolist())
+            self._seen[image_id] = (images[i], caption, batch["captions"][i])
+
+    def _thumbnails(self, images: torch.Tensor) -> torch.Tensor:
+        scale = self.thumbnail / max(images.shape[-2:])
+        if scale >= 1:
+            return images.cpu()
+        small = F.interpolate(images.float(), scale_factor=scale, mode="bilinear", antialias=True)
+        return small.round().clamp(0, 255).to(torch.uint8).cpu()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        # Every rank computes the synced per-sample scores (a collective), rank 0 alone logs.
+        image_ids, scores, *_ = pl_module.caption_metrics["val"].per_sample()
+        if not trainer.is_global_zero or not self._seen:
+            return
+        scored = sorted(
+            ((float(s), int(i)) for i, s in zip(image_ids.tolist(), scores.tolist()) if int(i) in self._seen),
+            key=lambda t: (-t[0], t[1]),
+        )
+        if not self.tracked:
+            self.tracked = sorted(self._seen)[: self.num_tracked]
+        score_of = {i: s for s, i in scored}
+        rows = [("best", i) for _, i in scored[: self.num_best]]
+        rows += [("worst", i) for _, i in scored[::-1][: self.num_worst]]
+        rows += [("tracked", i) for i in self.tracked if i in self._seen]
+        self.last_rows = [self._row(kind, i, score_of.get(i, float("nan"))) for kind, i in rows]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                data = [[*r[:2], wandb.Image(r[2].permute(1, 2, 0).numpy()), *r[3:]] for r in self.last_rows]
+                logger.log_table("val/samples", columns=COLUMNS, data=data, step=trainer.global_step)
+
+    def _row(self, kind: str, image_id: int, score: float) -> list:
+        image, caption, references = self._seen[image_id]
+        return [kind, image_id, image, caption, " | ".join(references), score]

@@ -1,0 +1,99 @@
+"""End to end: the real `capline` command trains the demo config (shrunk), writes checkpoints and W&B files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wandb_records import read_run, run_files, series  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shrunk_demo_args(tmp_path: Path, steps: int = 24) -> list[str]:
+    """The demo config, shrunk to seconds: fewer scenes, smaller batches, fewer steps."""
+    run = tmp_path / "run"
+    return [
+        "--config", str(ROOT / "configs/demo.yaml"),
+        "--data.synthetic.root", str(tmp_path / "data"),
+        "--data.synthetic.num_train", "320",
+        "--data.synthetic.num_val", "48",
+        "--data.global_batch_size", "16",
+        "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", "12",
+        "--trainer.default_root_dir", str(run),
+        "--trainer.logger.init_args.save_dir", str(run),
+        "--checkpoint.every_n_train_steps", "12",
+    ]  # fmt: skip
+
+
+def capline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(["capline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    tmp_path = tmp_path_factory.mktemp("fit")
+    home = tmp_path / "wandb-home"
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(home), WANDB_CACHE_DIR=str(home), WANDB_CONFIG_DIR=str(home))
+    args = shrunk_demo_args(tmp_path)
+    result = capline("fit", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"tmp": tmp_path, "run": tmp_path / "run", "args": args, "result": result}
+
+
+def test_fit_writes_pinned_checkpoints_with_vocabulary(trained):
+    ckpt_dir = trained["run"] / "checkpoints"
+    assert (ckpt_dir / "last.ckpt").is_file()
+    ranked = [p for p in ckpt_dir.glob("step*-cider*.ckpt")]
+    assert ranked, sorted(os.listdir(ckpt_dir))
+    ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    vocab = json.loads((trained["tmp"] / "data/vocab.json").read_text())["words"]
+    assert ckpt["vocab"] == vocab
+    assert ckpt["global_step"] == 24
+
+
+def test_fit_logs_losses_and_caption_metrics_to_offline_wandb(trained):
+    files = run_files(trained["run"])
+    assert len(files) == 1
+    run = read_run(files[0])
+    losses = series(run, "train/loss")
+    assert len(losses) >= 2 and losses[-1] < losses[0]  # it learns
+    ciders = series(run, "val/cider")
+    assert len(ciders) == 2 and all(math.isfinite(c) and c >= 0 for c in ciders)
+    assert all(0 < u <= 1 for u in series(run, "val/unique_captions"))
+    assert series(run, "val/num_images") == [48, 48]  # every validation image scored once
+    for key in ("train/lr", "train/ss_prob", "train/encoder_trainable", "val/loss", "data/skipped"):
+        assert series(run, key), key
+    config = run["config"]["config"]
+    assert config["trainer"]["max_steps"] == 24 and config["data"]["global_batch_size"] == 16
+
+
+def test_validation_samples_table_has_images_captions_references_and_cider(trained):
+    run_dir = run_files(trained["run"])[0].parent
+    tables = sorted((run_dir / "files/media/table/val").glob("samples_*.table.json"))
+    assert len(tables) == 2  # one per validation
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == ["kind", "image_id", "image", "generated", "references", "cider"]
+    assert len(table["data"]) >= 16
+    kinds = {row[0] for row in table["data"]}
+    assert kinds == {"best", "worst", "tracked"}
+    best = [row[5] for row in table["data"] if row[0] == "best"]
+    worst = [row[5] for row in table["data"] if row[0] == "worst"]
+    assert min(best) >= max(worst)
+
+
+def test_capline_test_scores_a_checkpoint(trained):
+    ckpt = trained["run"] / "checkpoints" / "last.ckpt"
+    result = capline("test", *trained["args"], "--ckpt_path", str(ckpt), cwd=trained["tmp"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/cider" in result.stdout
