@@ -11,23 +11,30 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import yaml
-
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from capline.checkpoints import CheckpointError, read_checkpoint
 from capline.data.datamodule import CaptionDataModule, DataConfigError
 from capline.models.encoder import EncoderConfigError
 from capline.module import CaptionModule
+from capline.preflight import (
+    OutputDirError,
+    PrecisionError,
+    check_batch_divides,
+    check_output_dir,
+    check_precision,
+    continue_wandb_run,
+    find_last_checkpoint,
+    redact,
+)
 from capline.vocab import VocabError
 
-_SECRET = re.compile(r"(api[_-]?key|token|secret|password|credential)", re.IGNORECASE)
-
 # Mistakes in a config or its data: reported in one sentence, without a traceback.
-USER_ERRORS = (DataConfigError, EncoderConfigError, VocabError)
+USER_ERRORS = (DataConfigError, EncoderConfigError, VocabError, CheckpointError, PrecisionError, OutputDirError)
 
 
 class CaptionCLI(LightningCLI):
@@ -49,9 +56,19 @@ class CaptionCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        root = config.trainer.get("default_root_dir") or os.getcwd()
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
-            root = config.trainer.get("default_root_dir") or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        check_batch_divides(config)
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = find_last_checkpoint(config.checkpoint.dirpath, root)
+            if config.ckpt_path is None:
+                print(f"capline: no checkpoint in {config.checkpoint.dirpath} yet: starting a new run", file=sys.stderr)
+        if config.get("ckpt_path"):
+            checkpoint = read_checkpoint(config.ckpt_path)  # a bad file fails here, before any process starts
+            if self.subcommand == "fit":
+                continue_wandb_run(config, checkpoint)
+        check_precision(config.trainer.get("precision"), config.trainer.get("accelerator"))
 
 
     def _log_resolved_config(self) -> None:
@@ -61,22 +78,20 @@ class CaptionCLI(LightningCLI):
         for logger in self.trainer.loggers:
             logger.log_hyperparams({"config": redact(config)})
 
-    before_fit = before_validate = before_test = _log_resolved_config
+    def before_fit(self) -> None:
+        # weights + two Adam moments, in float32: what a checkpoint holds, give or take
+        params = sum(p.numel() for p in self.model.parameters())
+        folder = self.config[self.subcommand].checkpoint.dirpath
+        check_output_dir(folder, checkpoint_bytes=params * 4 * 3)
+        self._log_resolved_config()
+
+    before_validate = before_test = _log_resolved_config
 
 
-def redact(value):
-    """Replaces the values of keys that look like credentials with "<redacted>"."""
-    if isinstance(value, dict):
-        return {k: "<redacted>" if _SECRET.search(str(k)) else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
-
-
-def cli_main(args: list[str] | None = None) -> CaptionCLI | None:
+def cli_main(args: list[str] | None = None) -> None:
     """Runs the CLI; `args` lets tests drive the real command in-process."""
     try:
-        return CaptionCLI(
+        CaptionCLI(
             CaptionModule,
             CaptionDataModule,
             args=args,

@@ -8,13 +8,18 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 
+from capline.checkpoints import check_compatible
 from capline.data.decode import SKIP_REASONS
 from capline.metrics import CaptionMetrics
+from capline.metrics.diagnostics import collapse_warning
 from capline.models import CaptionDecoder, TimmEncoder, beam_search, greedy_search
 from capline.models.loss import masked_cross_entropy
+from capline.rng import collect_rng_states, restore_rng_states
 from capline.schedules import EncoderFinetuning, LRSchedule, ScheduledSampling
 from capline.vocab import Vocabulary
 
@@ -42,6 +47,8 @@ class CaptionModule(L.LightningModule):
         val_beam_size: Beam size for validation (1 = greedy).
         test_beam_size: Beam size for `capline test` and `predict`.
         length_penalty: Beam search length-normalisation exponent.
+        max_nonfinite_steps: Stop (with a checkpoint) after this many optimizer steps in a row skipped because
+            the loss or the gradients were NaN/inf.
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class CaptionModule(L.LightningModule):
         val_beam_size: int = 1,
         test_beam_size: int = 3,
         length_penalty: float = 0.0,
+        max_nonfinite_steps: int = 20,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "decoder"])
@@ -73,6 +81,20 @@ class CaptionModule(L.LightningModule):
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         # A plain tensor, not a buffer: DDP would overwrite every rank's counts with rank 0's.
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self._rng_to_restore: dict | None = None
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps, self._nonfinite_in_a_row = 0, 0
+        self._loss_finite: torch.Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        # Runs before DDP wraps the model. The encoder keeps requires_grad=True while frozen (it runs under
+        # no_grad instead), so DDP registers its parameters and all-reduces their gradients once it is unfrozen;
+        # DDP must then be told that some parameters get no gradient during the warm-up.
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy) and self.finetuning.freeze_steps != 0:
+            if not strategy._ddp_kwargs.get("find_unused_parameters"):
+                log.info("encoder warm-up under DDP: setting find_unused_parameters=True")
+                strategy._ddp_kwargs["find_unused_parameters"] = True
 
     # ---- the forward passes -------------------------------------------------------------------------------
     def encoder_trainable(self) -> bool:
@@ -101,6 +123,7 @@ class CaptionModule(L.LightningModule):
         ss_prob = self.sampling.prob(self.global_step, self.current_epoch)
         logits = self.decoder.forward_scheduled(features, tokens[:, :-1], ss_prob, self.sampling.sample)
         loss = masked_cross_entropy(logits, tokens[:, 1:])
+        self._loss_finite = torch.isfinite(loss.detach())
         groups = self.optimizers().param_groups
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(
@@ -112,6 +135,42 @@ class CaptionModule(L.LightningModule):
             }
         )
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skips the step when the loss or any gradient is NaN/inf.
+
+        Gradients are already all-reduced here, so every DDP rank takes the same decision without a collective.
+        With `16-mixed`, inf gradients are the GradScaler's business (it skips and lowers the scale itself).
+        """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+        if grads and self.trainer.precision != "16-mixed":
+            finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all().cpu()
+        if bool(finite):
+            self._nonfinite_in_a_row = 0
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        log.warning("step %d: non-finite loss or gradients, optimizer step skipped", self.global_step)
+        if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
+            self._stop_on_nonfinite()
+
+    def _stop_on_nonfinite(self) -> None:
+        callback = self.trainer.checkpoint_callback
+        folder = callback.dirpath if callback is not None and callback.dirpath else self.trainer.default_root_dir
+        path = f"{folder}/nonfinite-step{self.global_step}.ckpt"
+        self.trainer.save_checkpoint(path)
+        log.error(
+            "stopping: %d optimizer steps in a row had a NaN/inf loss or gradients. The weights before them are in %s. "
+            "Look at the learning rate (too high?), trainer.gradient_clip_val, 16-mixed without enough loss "
+            "scaling (try bf16-mixed), and the data of the last batches (data/skipped).",
+            self._nonfinite_in_a_row, path,
+        )  # fmt: skip
+        self.trainer.should_stop = True
 
     def _count_skips(self, skipped: torch.Tensor) -> None:
         new = skipped.cpu()
@@ -167,6 +226,12 @@ class CaptionModule(L.LightningModule):
         cider = results.pop(f"{stage}/cider")
         self.log_dict(results)
         self.log(f"{stage}/cider", cider, prog_bar=True)
+        warning = collapse_warning(
+            float(cider), float(results[f"{stage}/cider_shuffled"]), float(results[f"{stage}/unique_captions"]),
+            int(results[f"{stage}/num_images"]),
+        )  # fmt: skip
+        if warning and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            log.warning("%s at step %d: %s", stage, self.global_step, warning)
         return results
 
     def on_validation_epoch_end(self) -> None:
@@ -212,11 +277,18 @@ class CaptionModule(L.LightningModule):
     # ---- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vocab"] = self.vocab.words
+        checkpoint["rng_states"] = collect_rng_states()
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                checkpoint["wandb_run_id"] = logger.version  # the run a resumed job continues
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Restored at the first step after resuming, not at load time: building loaders in between must not
+        # shift the random streams (dropout, scheduled sampling) of a resumed run.
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        words = checkpoint.get("vocab")
-        if words is not None and words != self.vocab.words:
-            raise ValueError(
-                f"the checkpoint's vocabulary ({len(words)} words) differs from the configured one "
-                f"({len(self.vocab)} words); use the vocab.json the checkpoint was trained with"
-            )
+        self._rng_to_restore = checkpoint.get("rng_states")
+        check_compatible(checkpoint, self.vocab, self.state_dict())

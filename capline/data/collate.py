@@ -42,10 +42,15 @@ class ImageTransform:
         w, h = img.size
         scale = self.resize_to / min(w, h)
         new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), self.interpolation, reducing_gap=3.0)
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
+        if (new_w, new_h) == (w, h):
+            img = img.crop((left, top, left + self.size, top + self.size))
+        else:
+            # Only the crop is resized (its box in source pixels): resizing a 1 x 20,000 strip whole would take
+            # gigabytes and seconds.
+            sx, sy = w / new_w, h / new_h
+            box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+            img = img.resize((self.size, self.size), self.interpolation, box=box, reducing_gap=3.0)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
@@ -127,6 +128,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.rank, self.world_size = 0, 1
         self.image_config: dict | None = None
         self.train_stream: TrainStream | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches already trained) from a checkpoint
 
     def per_device_batch_size(self, world_size: int) -> int:
         if self.global_batch_size % world_size:
@@ -163,6 +165,8 @@ class CaptionDataModule(L.LightningDataModule):
             urls, self._batcher(train=True), self.batch_size, self.rank, self.world_size,
             batches_per_epoch=batches, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
         )  # fmt: skip
+        # The first epoch's loader iterator is created before on_train_epoch_start: position the stream now.
+        self.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return self._loader(self.train_stream)
 
     def _eval_loader(self, name: str) -> DataLoader:
@@ -185,9 +189,25 @@ class CaptionDataModule(L.LightningDataModule):
         return DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=False,
             prefetch_factor=4 if self.num_workers else None,
+            # Its own generator: creating workers must not draw from the global RNG, or a resumed run diverges.
+            generator=torch.Generator().manual_seed(self.seed),
         )  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
-        """Called at each training epoch start, before the loader's workers are created."""
-        if self.train_stream is not None:
-            self.train_stream.set_epoch(epoch)
+        """Positions the training stream at the start of `epoch`, or where a resumed checkpoint left it."""
+        if self.train_stream is None:
+            return
+        self.train_stream.set_epoch(epoch)
+        resume_epoch, resume_batch = self._resume_at or (-1, 0)
+        self.train_stream.start_batch = resume_batch if epoch == resume_epoch else 0
+
+    def state_dict(self) -> dict:
+        """The training stream's position, saved in every checkpoint: (epoch, batches consumed in it)."""
+        if self.trainer is None or self.train_stream is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "epoch" in state_dict:
+            self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches"]))

@@ -61,11 +61,14 @@ class Sample:
 
 
 def image_id_to_int(image_id) -> int:
-    """COCO ids are ints; any other id is mapped to a stable non-negative int."""
+    """COCO ids are ints; any other id, or an int outside int64, is mapped to a stable non-negative int."""
     try:
-        return int(image_id)
-    except (TypeError, ValueError):
-        return zlib.crc32(str(image_id).encode()) & 0x7FFFFFFF
+        value = int(image_id)
+        if -(2**63) <= value < 2**63:  # batches carry ids in an int64 tensor
+            return value
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
+        pass
+    return zlib.crc32(str(image_id).encode("utf-8", "surrogatepass")) & 0x7FFFFFFF  # JSON may hold "\ud800"
 
 
 def parse_meta(raw: bytes | None) -> tuple[int, list[str]]:
@@ -74,7 +77,7 @@ def parse_meta(raw: bytes | None) -> tuple[int, list[str]]:
         raise SkipSample("missing_captions", "no .json member")
     try:
         meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, an int over 4300 digits; nested too deep
         raise SkipSample("bad_json", str(err)) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("captions"), list):
         raise SkipSample("bad_json", 'expected {"image_id": ..., "captions": [...]}')
@@ -109,9 +112,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 / max(arr.max(), 1.0)
-        img = Image.fromarray((arr * scale).clip(0, 255).astype(np.uint8))
+        # 65535 is white: stretching to the image's own maximum would turn a dark image bright.
+        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) // 257).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):

@@ -26,7 +26,7 @@ BatchFn = Callable[[list[RawSample], SkipCounter, int], dict]
 
 def stable_seed(*parts) -> int:
     """A seed from any values, identical in every process (Python's `hash` of a str is not)."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
+    return zlib.crc32("/".join(map(str, parts)).encode("utf-8", "surrogatepass"))  # tar names may not be UTF-8
 
 
 def worker_slot(rank: int, world_size: int, rotate: int = 0) -> tuple[int, int, int, int]:
@@ -63,12 +63,24 @@ class _Stream(IterableDataset):
         self.epoch = epoch
 
     def _read(self, urls: list[str], counter: SkipCounter) -> Iterator[RawSample]:
+        for url in urls:
+            yield from self._read_shard(url, counter)
+
+    @staticmethod
+    def _read_shard(url: str, counter: SkipCounter) -> Iterator[RawSample]:
+        # One shard at a time, counted once: webdataset reports a tar cut inside a member twice (the member, then
+        # the header after it), and must not group a broken shard's last sample with the next shard's first.
+        broken = False
+
         def broken_shard(exn: Exception) -> bool:
-            counter.add("broken_shard")
-            log.debug("skipping the rest of a broken shard: %s", exn)
+            nonlocal broken
+            if not broken:
+                counter.add("broken_shard")
+                log.debug("skipping the rest of a broken shard: %s", exn)
+            broken = True
             return True
 
-        return wds.tariterators.tarfile_samples(({"url": u} for u in urls), handler=broken_shard)
+        yield from wds.tariterators.tarfile_samples([{"url": url}], handler=broken_shard)
 
 
 class TrainStream(_Stream):
@@ -99,7 +111,12 @@ class TrainStream(_Stream):
                 samples = itertools.islice(samples, slot, None, num_slots)
             # Shuffled within one pass over the slot's shards, so a small slot never holds a sample twice.
             rng = random.Random(stable_seed(self.seed, self.epoch, slot, repeat, "shuffle"))
-            yield from wds.filters._shuffle(samples, self.shuffle_buffer, rng=rng)
+            yielded = 0
+            for sample in wds.filters._shuffle(samples, self.shuffle_buffer, rng=rng):
+                yielded += 1
+                yield sample
+            if not yielded:  # starting over would loop forever
+                raise RuntimeError(f"no readable sample in the training shards {shards[:3]} (all empty or broken)")
 
     def __iter__(self) -> Iterator[dict]:
         slot, num_slots, worker, num_workers = worker_slot(self.rank, self.world_size, rotate=self.start_batch)
@@ -109,8 +126,6 @@ class TrainStream(_Stream):
         samples = self._slot_samples(slot, num_slots, counter)
         for index in range(quota):
             chunk = list(itertools.islice(samples, self.batch_size))
-            if len(chunk) < self.batch_size:
-                raise RuntimeError(f"the training shards {self.urls[:3]}... yielded no samples")
             if index >= done:
                 yield self.make_batch(chunk, counter, self.epoch)
 

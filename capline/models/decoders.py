@@ -79,6 +79,8 @@ class ShowTellDecoder(CaptionDecoder):
         hidden_dim: LSTM hidden size.
         num_layers: Stacked LSTM layers.
         dropout: Dropout on embeddings, between LSTM layers and before the output layer.
+        image_norm: Batch-normalise the projected image (as the widely used pytorch-tutorial captioner does):
+            pooled ReLU features share a large common component that otherwise drowns what tells images apart.
     """
 
     def __init__(
@@ -89,10 +91,12 @@ class ShowTellDecoder(CaptionDecoder):
         hidden_dim: int = 512,
         num_layers: int = 1,
         dropout: float = 0.3,
+        image_norm: bool = True,
     ):
         super().__init__()
         self.vocab_size = vocab_size
         self.image_proj = nn.Linear(feature_dim, embed_dim)
+        self.image_norm = nn.BatchNorm1d(embed_dim) if image_norm else nn.Identity()
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.lstm = nn.LSTM(
             embed_dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
@@ -102,7 +106,7 @@ class ShowTellDecoder(CaptionDecoder):
 
     def _image_input(self, features: torch.Tensor) -> torch.Tensor:
         pooled = features.mean(dim=(2, 3))  # (B, C)
-        return self.dropout(self.image_proj(pooled)).unsqueeze(1)  # (B, 1, E)
+        return self.dropout(self.image_norm(self.image_proj(pooled))).unsqueeze(1)  # (B, 1, E)
 
     def init_state(self, features: torch.Tensor) -> State:
         _, (h, c) = self.lstm(self._image_input(features))

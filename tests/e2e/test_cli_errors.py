@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli_runner import CAPLINE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_fit(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     result = subprocess.run(
-        ["capline", "fit", "--config", str(ROOT / "configs/demo.yaml"),
+        [CAPLINE, "fit", "--config", str(ROOT / "configs/demo.yaml"),
          "--trainer.default_root_dir", str(tmp_path / "run"),
          "--trainer.logger.init_args.save_dir", str(tmp_path / "run"), *overrides],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli_runner import CAPLINE  # noqa: E402
 from wandb_records import read_run, run_files, series  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def shrunk_demo_args(tmp_path: Path, steps: int = 24) -> list[str]:
 
 def capline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(["capline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([CAPLINE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -96,4 +97,54 @@ def test_capline_test_scores_a_checkpoint(trained):
     ckpt = trained["run"] / "checkpoints" / "last.ckpt"
     result = capline("test", *trained["args"], "--ckpt_path", str(ckpt), cwd=trained["tmp"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test/cider" in result.stdout
+    assert "test/cider" in result.stdout and "test/Bleu_4" in result.stdout and "test/METEOR" in result.stdout
+    results = json.loads((trained["run"] / "test_results.json").read_text())
+    assert len(results) == 48 and len({r["image_id"] for r in results}) == 48
+    assert all(isinstance(r["caption"], str) for r in results)
+
+
+def fails_fast(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("capline: error:")
+    for word in words:
+        assert word in message, message
+
+
+def test_truncated_or_foreign_checkpoint_is_refused_with_one_sentence(trained):
+    good = (trained["run"] / "checkpoints" / "last.ckpt").read_bytes()
+    truncated = trained["tmp"] / "truncated.ckpt"
+    truncated.write_bytes(good[: len(good) // 2])
+    fails_fast(capline("validate", *trained["args"], "--ckpt_path", str(truncated), cwd=trained["tmp"]),
+               "truncated.ckpt", "cannot be read")  # fmt: skip
+    foreign = trained["tmp"] / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    fails_fast(capline("validate", *trained["args"], "--ckpt_path", str(foreign), cwd=trained["tmp"]),
+               "foreign.ckpt", "not a Lightning checkpoint")  # fmt: skip
+
+
+def test_checkpoint_of_another_architecture_or_vocabulary_is_refused(trained):
+    ckpt = str(trained["run"] / "checkpoints" / "last.ckpt")
+    result = capline("validate", *trained["args"], "--ckpt_path", ckpt,
+                     "--model.decoder.init_args.hidden_dim", "64", cwd=trained["tmp"])  # fmt: skip
+    fails_fast(result, "another architecture", "decoder.")
+    words = json.loads((trained["tmp"] / "data/vocab.json").read_text())["words"]
+    other = trained["tmp"] / "other-vocab.json"
+    other.write_text(json.dumps({"words": words + ["zebra"]}))
+    result = capline("validate", *trained["args"], "--ckpt_path", ckpt, "--data.synthetic", "null",
+                     "--data.vocab", str(other), "--data.val_shards", str(trained["tmp"] / "data/val-{000000..000000}.tar"),
+                     cwd=trained["tmp"])  # fmt: skip
+    fails_fast(result, "vocabulary", f"{len(words)} words", f"{len(words) + 1} words")
+
+
+def test_precision_the_cpu_cannot_run_fails_fast(trained):
+    fails_fast(capline("fit", *trained["args"], "--trainer.precision", "16-mixed", cwd=trained["tmp"]),
+               "16-mixed", "needs a GPU")  # fmt: skip
+
+
+def test_unwritable_output_dir_fails_before_training(trained, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a path below a file cannot be created, even by root
+    result = capline("fit", *trained["args"], "--checkpoint.dirpath", str(blocker / "ckpts"), cwd=trained["tmp"])
+    fails_fast(result, "cannot write checkpoints", "a-file/ckpts")

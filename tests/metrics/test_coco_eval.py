@@ -40,7 +40,7 @@ def test_loaders_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="no 'annotations' list"):
         load_coco_references(tmp_path / "results.json")
     (tmp_path / "no_caption.json").write_text('{"annotations": [{"image_id": 1}]}')
-    with pytest.raises(ValueError, match="annotation 0 needs an 'image_id' \(int or str\) and a string 'caption'"):
+    with pytest.raises(ValueError, match=r"annotation 0 needs an 'image_id' \(int or str\) and a string 'caption'"):
         load_coco_references(tmp_path / "no_caption.json")
 
 

@@ -1,0 +1,64 @@
+"""Checkpoints: safe reading with a clear error for bad files, and compatibility with the configured model."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from capline.vocab import Vocabulary
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or does not fit the configured model."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Loads a checkpoint on the CPU with `weights_only=True` (no code from the file runs), memory-mapped.
+
+    Raises:
+        CheckpointError: The file is missing, truncated, not a PyTorch checkpoint, or not a capline one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read: it is truncated, not a PyTorch checkpoint, or holds objects "
+            f"that are unsafe to load ({first_line[:160]})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint (no state_dict)")
+    if "vocab" not in checkpoint:
+        raise CheckpointError(f"{str(path)!r} is not a capline checkpoint (no vocabulary inside)")
+    return checkpoint
+
+
+def check_compatible(checkpoint: dict, vocab: Vocabulary, state: dict) -> None:
+    """Raises `CheckpointError` naming the first difference, before any weight is loaded."""
+    words = checkpoint.get("vocab")
+    if words is not None and words != vocab.words:
+        raise CheckpointError(
+            f"the checkpoint's vocabulary ({len(words)} words) differs from the configured one ({len(vocab)} words); "
+            "use the vocab.json the checkpoint was trained with"
+        )
+    saved = checkpoint.get("state_dict", {})
+    missing = sorted(set(state) - set(saved))
+    unexpected = sorted(set(saved) - set(state))
+    reshaped = [k for k in state if k in saved and tuple(saved[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or reshaped:
+        if reshaped:
+            k = reshaped[0]
+            example = f"{k} is {tuple(saved[k].shape)} in the checkpoint but {tuple(state[k].shape)} in the config"
+        else:
+            example = f"{(missing or unexpected)[0]} is only in the {'config' if missing else 'checkpoint'}"
+        raise CheckpointError(
+            f"the checkpoint was trained with another architecture than the configured model "
+            f"({len(missing)} tensors missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape; "
+            f"e.g. {example})"
+        )

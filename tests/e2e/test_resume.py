@@ -1,0 +1,108 @@
+"""Resuming after SIGKILL is indistinguishable from never stopping: same weights, same W&B run, monotonic steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli_runner import CAPLINE  # noqa: E402
+from wandb_records import read_run, run_files, series  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 30
+
+
+def args_for(tmp_path: Path, data: Path, name: str) -> list[str]:
+    run = tmp_path / name
+    return [
+        "--config", str(ROOT / "configs/demo.yaml"),
+        "--data.synthetic.root", str(data),
+        "--data.synthetic.num_train", "320",  # 20 batches of 16 per epoch: checkpoints fall mid-epoch
+        "--data.synthetic.num_val", "32",
+        "--data.global_batch_size", "16",
+        "--data.num_workers", "2",
+        "--trainer.max_steps", str(STEPS),
+        "--trainer.val_check_interval", "10",
+        "--trainer.default_root_dir", str(run),
+        "--trainer.logger.init_args.save_dir", str(run),
+        "--checkpoint.every_n_train_steps", "6",
+        # the whole recipe, so its state is part of what must resume exactly
+        "--model.encoder_finetuning.freeze_steps", "8",
+        "--model.encoder_finetuning.warmup_steps", "4",
+        "--model.scheduled_sampling.schedule", "linear",
+        "--model.scheduled_sampling.slope", "0.02",
+    ]  # fmt: skip
+
+
+def env(tmp_path: Path) -> dict:
+    home = tmp_path / "wandb-home"
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(home), "WANDB_CONFIG_DIR": str(home),
+            "WANDB_CACHE_DIR": str(home), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+
+
+def final_state(run: Path) -> dict:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == STEPS
+    return ckpt["state_dict"]
+
+
+def kill_after_checkpoint(cmd: list[str], ckpt: Path, tmp_path: Path) -> int:
+    """Starts a run and SIGKILLs it once a mid-epoch checkpoint exists; returns that checkpoint's step."""
+    proc = subprocess.Popen(cmd, env=env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            time.sleep(0.5)  # let the atomic save finish its rename
+            step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+            if 6 <= step < STEPS - 6:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return step
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("no mid-run checkpoint appeared before the run ended")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    data = tmp_path / "data"
+    straight = args_for(tmp_path, data, "straight")
+    subprocess.run([CAPLINE, "fit", *straight], env=env(tmp_path), check=True, capture_output=True)
+
+    resumed = args_for(tmp_path, data, "resumed")
+    killed_at = kill_after_checkpoint([CAPLINE, "fit", *resumed], tmp_path / "resumed/checkpoints/last.ckpt", tmp_path)
+    assert killed_at % 20 != 0  # mid-epoch
+    result = subprocess.run([CAPLINE, "fit", *resumed, "--ckpt_path", "last"], env=env(tmp_path),
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    expected, got = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+    # W&B: one run id before and after the kill, and its steps never go back.
+    files = run_files(tmp_path / "resumed")
+    runs = [read_run(f) for f in files]
+    assert len({r["run_id"] for r in runs}) == 1 and len(runs) == 2
+    steps = [s for r in runs for s in series(r, "trainer/global_step")]
+    assert steps == sorted(steps) and max(steps) >= STEPS - 1
+
+
+def test_ckpt_path_last_on_a_first_run_just_starts(tmp_path):
+    data = tmp_path / "data"
+    args = args_for(tmp_path, data, "first")
+    args[args.index("--trainer.max_steps") + 1] = "2"
+    result = subprocess.run([CAPLINE, "fit", *args, "--ckpt_path", "last"], env=env(tmp_path),
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting a new run" in result.stderr
+    assert (tmp_path / "first/checkpoints/last.ckpt").exists()

@@ -1,0 +1,249 @@
+"""`tools/caption.py` and `capline.inference` on checkpoints trained by the real `capline fit`, and on image files
+of every kind a user may have: RGB, grayscale, CMYK, palette, alpha, 16-bit, large, non-square and truncated."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capline.data.collate import ImageTransform
+from capline.data.decode import open_image
+from capline.inference import Captioner, CheckpointError, find_images, load_caption_module
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "caption.py"
+
+pytestmark = pytest.mark.slow  # the fixtures train two tiny models through the real CLI (about a minute)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("caption_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- fixtures: two tiny checkpoints and a folder of awkward images -------------------------------------------
+def _fit(tmp: Path, data: Path, name: str, *overrides: str) -> Path:
+    run = tmp / name
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp / "wandb-home")}
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        env[var] = str(tmp / "wandb-home")
+    result = subprocess.run(
+        [sys.executable, "-m", "capline", "fit", "--config", str(ROOT / "configs/demo.yaml"),
+         "--data.synthetic.root", str(data), "--data.synthetic.num_train", "320", "--data.synthetic.num_val", "48",
+         "--data.global_batch_size", "16", "--trainer.max_steps", "12", "--trainer.val_check_interval", "12",
+         "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run), *overrides],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("caption")
+    data = tmp / "data"
+    attention_decoder = [
+        "--model.decoder.class_path", "capline.models.AttentionDecoder",
+        "--model.decoder.init_args.embed_dim", "64", "--model.decoder.init_args.hidden_dim", "64",
+        "--model.decoder.init_args.attention_dim", "32",
+    ]  # fmt: skip
+    return {
+        "show_tell": _fit(tmp, data, "show_tell"),
+        "attention": _fit(tmp, data, "attention", *attention_decoder),
+        "data": data,
+    }
+
+
+@pytest.fixture(scope="module")
+def images(trained, tmp_path_factory) -> dict:
+    """Two synthetic scenes and variants of the first in every format; `readable` lists the good files sorted."""
+    folder = tmp_path_factory.mktemp("images")
+    shard = sorted(trained["data"].glob("val-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = sorted((m for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))), key=lambda m: m.name)
+        scenes = [Image.open(tar.extractfile(m)).convert("RGB") for m in members[:2]]
+    scene = scenes[0]
+    scene.save(folder / "a_scene.jpg", quality=95)
+    scenes[1].save(folder / "b_scene.png")
+    scene.resize((1000, 700), Image.BICUBIC).save(folder / "big.jpg", quality=90)  # decoded at reduced scale
+    scene.resize((300, 150), Image.BICUBIC).save(folder / "wide.png")
+    scene.convert("L").save(folder / "gray.jpg")
+    scene.convert("CMYK").save(folder / "cmyk.jpg")
+    rgba = np.array(scene.convert("RGBA"))
+    rgba[:32, :, 3] = 0  # the top half transparent: composited on white
+    Image.fromarray(rgba).save(folder / "alpha.png")
+    scene.convert("P", palette=Image.ADAPTIVE, colors=16).save(folder / "palette.png")
+    Image.fromarray(np.asarray(scene.convert("L"), dtype=np.uint16) * 257).save(folder / "deep16.png")
+    raw = (folder / "gray.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (folder / "notes.txt").write_text("not an image: a folder scan skips it")
+    assert Image.open(folder / "deep16.png").mode == "I;16" and Image.open(folder / "cmyk.jpg").mode == "CMYK"
+    readable = sorted(p for p in folder.iterdir() if p.suffix in (".jpg", ".png") and p.name != "truncated.jpg")
+    return {"folder": folder, "readable": readable, "truncated": folder / "truncated.jpg"}
+
+
+def reference_generation(module, path: Path, beam_size: int):
+    """What `CaptionModule.generate` says for one file, preprocessed as the training pipeline does."""
+    transform = ImageTransform(module.encoder.data_config)
+    pixels = transform(open_image(path.read_bytes(), draft_size=transform.resize_to))
+    with torch.inference_mode():
+        return pixels, module.generate(pixels.unsqueeze(0), beam_size)
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+def test_lines_warnings_and_exit_code_of_the_real_command(trained, images):
+    missing = images["folder"] / "missing.jpg"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--ckpt", str(trained["show_tell"]), str(images["folder"]), str(missing),
+         "--batch-size", "3", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in images["readable"]]
+    assert all(line.count("\t") == 1 and line.split("\t")[1].strip() for line in lines), lines
+    errors = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert errors[0].startswith(f"caption.py: warning: skipped {images['truncated']}: corrupt_image")
+    assert errors[1] == f"caption.py: warning: skipped {missing}: No such file or directory"
+    assert errors[2:] == [f"caption.py: 2 of {len(images['readable']) + 2} images could not be read"]
+
+
+def test_captions_equal_generate_on_the_training_preprocessing(trained, images, capsys):
+    assert load_script().main(["--ckpt", str(trained["show_tell"]), str(images["folder"]), "--json"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(set(row) == {"image", "caption"} for row in printed)
+    assert [row["image"] for row in printed] == [str(p) for p in images["readable"]]
+
+    module = load_caption_module(trained["show_tell"])
+    stored = torch.load(trained["show_tell"], map_location="cpu", weights_only=False)
+    assert module.vocab.words == stored["vocab"]
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, stored["state_dict"][name]), name
+    captioner = Captioner(module)
+    assert captioner.beam_size == stored["hyper_parameters"]["test_beam_size"] == 3  # the default beam
+    for path, row in zip(images["readable"], printed):
+        pixels, generation = reference_generation(module, path, beam_size=3)
+        assert torch.equal(captioner.read(path).model_input, pixels), path
+        assert row["caption"] == module.vocab.decode(generation.tokens[0].tolist()), path
+
+
+def test_out_writes_captioned_images_and_no_attention_figure_for_show_tell(trained, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert load_script().main(["--ckpt", str(trained["show_tell"]), str(images["folder"]), "--out", str(out)]) == 0
+    captions = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}_caption.png" for p in images["readable"])
+    for path in images["readable"]:
+        drawn = np.asarray(Image.open(out / f"{path.stem}_caption.png").convert("L"))
+        with Image.open(path) as original:
+            # Upscaled to a legible size (a large image is shown whole, at most 1024 px), aspect ratio kept.
+            scale = min(max(1.0, 320 / min(original.size)), 1024 / max(original.size))
+            shown_w, shown_h = round(original.width * scale), round(original.height * scale)
+        assert drawn.shape[1] == shown_w >= 256 and drawn.shape[0] > shown_h, (path, drawn.shape)
+        band = drawn[shown_h:]  # the caption, in black on white, under the image
+        assert band.max() == 255 and (band < 100).sum() > 10 * len(captions[str(path)]), path
+    assert not list(out.glob("*_attention.png"))
+
+
+def test_attention_figures_and_weights(trained, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--ckpt", str(trained["attention"]), str(images["folder"]), "--out", str(out), "--beam-size", "2"]
+    assert load_script().main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(images["readable"])
+    for path in images["readable"]:
+        assert (out / f"{path.stem}_caption.png").is_file()
+        with Image.open(out / f"{path.stem}_attention.png") as figure:
+            assert figure.width >= 2 * 224 and figure.height >= 224, path
+
+    module = load_caption_module(trained["attention"])
+    captioner = Captioner(module, beam_size=2)
+    [result] = captioner.caption_files([images["readable"][0]])
+    _, generation = reference_generation(module, images["readable"][0], beam_size=2)
+    length = len(result.tokens)
+    assert result.attention.shape == (length, *captioner.grid)
+    torch.testing.assert_close(torch.from_numpy(result.attention).flatten(1), generation.alphas[0, :length])
+    np.testing.assert_allclose(result.attention.sum(axis=(1, 2)), 1.0, rtol=1e-5)  # a distribution per word
+
+
+# ---- failures -------------------------------------------------------------------------------------------------
+def test_a_bad_checkpoint_is_one_line_and_exit_code_2(tmp_path, capsys):
+    missing = tmp_path / "missing.ckpt"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--ckpt", str(missing), str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"caption.py: error: checkpoint {str(missing)!r} does not exist"]
+
+    not_torch = tmp_path / "notes.ckpt"
+    not_torch.write_text("hello")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {}}, foreign)
+    script = load_script()
+    for ckpt, words in [(not_torch, "is not a PyTorch checkpoint"), (foreign, "is not a capline checkpoint")]:
+        assert script.main(["--ckpt", str(ckpt), str(tmp_path)]) == 2
+        captured = capsys.readouterr()
+        [error] = captured.err.splitlines()
+        assert error.startswith(f"caption.py: error: {str(ckpt)!r} {words}") and captured.out == ""
+
+
+def test_unsafe_objects_in_a_checkpoint_are_refused(tmp_path):
+    import argparse
+
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "vocab": [], "hyper_parameters": {"args": argparse.Namespace(a=1)}}, unsafe)
+    with pytest.raises(CheckpointError, match="argparse.Namespace"):
+        load_caption_module(unsafe)
+
+
+def test_no_readable_image_is_exit_code_1(trained, images, capsys):
+    script = load_script()
+    assert script.main(["--ckpt", str(trained["show_tell"]), str(images["truncated"])]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "caption.py: error: no image could be captioned"
+    empty = images["folder"] / "empty"
+    empty.mkdir(exist_ok=True)
+    assert script.main(["--ckpt", str(trained["show_tell"]), str(empty)]) == 1
+
+
+def test_bad_arguments_are_exit_code_2(trained, images, capsys):
+    script = load_script()
+    for argv in (["--beam-size", "0"], ["--batch-size", "x"], ["--device", "tpu"]):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--ckpt", str(trained["show_tell"]), str(images["folder"]), *argv])
+        assert exit_info.value.code == 2
+        assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_a_checkpoint_copied_alone_loads_with_its_run_config(trained, images, tmp_path, capsys):
+    alone = tmp_path / "alone.ckpt"
+    shutil.copy(trained["show_tell"], alone)
+    run_config = trained["show_tell"].parents[1] / "config.yaml"
+    script = load_script()
+    hparams = torch.load(alone, map_location="cpu", weights_only=False)["hyper_parameters"]
+    if "encoder" in hparams:  # the checkpoint records its model: nothing else is needed
+        assert script.main(["--ckpt", str(alone), str(images["readable"][0])]) == 0
+    else:
+        assert script.main(["--ckpt", str(alone), str(images["readable"][0])]) == 2
+        [error] = capsys.readouterr().err.splitlines()
+        assert "does not record its encoder and decoder config" in error and "--run-config" in error
+    assert script.main(["--ckpt", str(alone), "--run-config", str(run_config), str(images["readable"][0])]) == 0
+    assert capsys.readouterr().out.startswith(f"{images['readable'][0]}\t")
+
+
+def test_find_images_takes_files_as_given_and_folders_sorted(images):
+    found = find_images([images["folder"], images["truncated"]])
+    assert found == [*sorted(images["readable"] + [images["truncated"]]), images["truncated"]]
