@@ -54,22 +54,25 @@ class CaptionCLI(LightningCLI):
             }
         )
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+    def _parse_ckpt_path(self) -> None:
+        # Runs right after parsing, before Lightning reads the checkpoint's hyper-parameters: resolve `last`,
+        # and refuse a bad checkpoint file in one sentence.
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
         root = config.trainer.get("default_root_dir") or os.getcwd()
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         check_batch_divides(config)
+        check_precision(config.trainer.get("precision"), config.trainer.get("accelerator"))
         if config.get("ckpt_path") == "last":
             config.ckpt_path = find_last_checkpoint(config.checkpoint.dirpath, root)
             if config.ckpt_path is None:
                 print(f"capline: no checkpoint in {config.checkpoint.dirpath} yet: starting a new run", file=sys.stderr)
         if config.get("ckpt_path"):
-            checkpoint = read_checkpoint(config.ckpt_path)  # a bad file fails here, before any process starts
-            if self.subcommand == "fit":
+            checkpoint = read_checkpoint(config.ckpt_path)
+            if subcommand == "fit":
                 continue_wandb_run(config, checkpoint)
-        check_precision(config.trainer.get("precision"), config.trainer.get("accelerator"))
-
+        super()._parse_ckpt_path()
 
     def _log_resolved_config(self) -> None:
         """Sends the whole resolved config (trainer, model, data...) to the loggers, secrets redacted."""

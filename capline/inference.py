@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import io
 import math
-import pickle
-import re
 import textwrap
-import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ import yaml
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from capline.checkpoints import CheckpointError, read_checkpoint
 from capline.data.collate import ImageTransform
 from capline.data.decode import IMAGE_EXTS, SkipSample, open_image
 from capline.module import CaptionModule
@@ -36,69 +34,23 @@ CAPTION_CHARS_PER_LINE = 48  # the caption's font scales with the image width: a
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    """A checkpoint path that is missing or is not a checkpoint written by `capline fit`."""
-
-
-def _numpy_array_globals() -> list:
-    """What `weights_only` loading needs to rebuild plain NumPy arrays (the saved NumPy RNG state is one).
-
-    Rebuilding an array of numbers runs no code; object arrays stay refused.
-    """
-    dtypes = [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
-    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy(._)core.multiarray._reconstruct
-    return [
-        np.ndarray, np.dtype, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),  # NumPy 1 pickles
-        *(cls for cls in dtypes if cls is not np.dtypes.ObjectDType),
-    ]
-
-
 def load_caption_module(ckpt_path: str | Path, run_config: str | Path | None = None) -> CaptionModule:
     """Loads a `capline fit` checkpoint on the CPU, in eval mode, with the vocabulary stored inside it.
 
-    The checkpoint is read with `weights_only=True` (tensors, plain values and NumPy arrays of numbers only), so
-    nothing in it can run code. Its encoder and decoder config comes from its hyper-parameters or, for checkpoints
-    that lack it, from the run's `config.yaml` (`run_config`, else the one LightningCLI wrote beside `checkpoints/`).
+    The checkpoint is read with `weights_only=True`, so nothing in it can run code. Its encoder and decoder config
+    comes from its hyper-parameters or, for checkpoints that lack it, from the run's `config.yaml` (`run_config`,
+    else the one LightningCLI wrote beside `checkpoints/`).
 
     Args:
         ckpt_path: A `.ckpt` file written by `capline fit`.
         run_config: The run's `config.yaml`, needed only when the checkpoint does not record its model parts.
 
     Raises:
-        CheckpointError: The path is missing, or is not a capline checkpoint.
+        CheckpointError: The file is missing, unreadable, not a capline checkpoint, or does not fit its config.
     """
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    with torch.serialization.safe_globals(_numpy_array_globals()):
-        checkpoint = _read_checkpoint(path)
-        module = _load_module(path, checkpoint, run_config)
-    return module.eval()
-
-
-def _read_checkpoint(path: Path) -> dict:
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint (not a zip archive written by torch.save)")
-    try:
-        # mmap: only the metadata is read here, the weights once by load_from_checkpoint.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if refused is None:
-            raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint ({_first_line(err)})") from None
-        raise CheckpointError(
-            f"{str(path)!r} holds an object of type {refused.group(1)}, which weights_only loading refuses to build"
-        ) from None
-    except Exception as err:  # torch raises many types for files that are not checkpoints
-        raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint ({_first_line(err)})") from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "state_dict" not in checkpoint or "vocab" not in checkpoint:
-        raise CheckpointError(f"{str(path)!r} is not a capline checkpoint (it has no model vocabulary)")
-    return checkpoint
-
-
-def _load_module(path: Path, checkpoint: dict, run_config: str | Path | None) -> CaptionModule:
-    hparams = checkpoint["hyper_parameters"]
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters") or {}
     parts = {name: hparams.get(name) for name in ("encoder", "decoder")}
     if not all(isinstance(part, dict) for part in parts.values()):
         parts = _model_parts_from_run_config(path, run_config)
@@ -110,9 +62,11 @@ def _load_module(path: Path, checkpoint: dict, run_config: str | Path | None) ->
             path, map_location="cpu", weights_only=True,
             vocabulary=checkpoint["vocab"], encoder=encoder, decoder=parts["decoder"],
         )  # fmt: skip
-    except Exception as err:  # jsonargparse, state-dict and vocabulary errors all mean the same to the user
+    except CheckpointError:
+        raise
+    except Exception as err:  # jsonargparse and state-dict errors mean the same to the user
         raise CheckpointError(f"{str(path)!r} could not be loaded as a capline model ({_first_line(err)})") from None
-    return module
+    return module.eval()
 
 
 def _model_parts_from_run_config(ckpt_path: Path, run_config: str | Path | None) -> dict:

@@ -3,6 +3,7 @@ of every kind a user may have: RGB, grayscale, CMYK, palette, alpha, 16-bit, lar
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -19,7 +20,8 @@ from PIL import Image
 
 from capline.data.collate import ImageTransform
 from capline.data.decode import open_image
-from capline.inference import Captioner, CheckpointError, find_images, load_caption_module
+from capline.checkpoints import CheckpointError
+from capline.inference import Captioner, find_images, load_caption_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "caption.py"
@@ -32,6 +34,11 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def caption(*args) -> int:
+    """The tool's `main`, in this process, on the CPU (the captions are compared with CPU references)."""
+    return load_script().main(["--device", "cpu", *map(str, args)])
 
 
 # ---- fixtures: two tiny checkpoints and a folder of awkward images -------------------------------------------
@@ -107,7 +114,7 @@ def reference_generation(module, path: Path, beam_size: int):
 def test_lines_warnings_and_exit_code_of_the_real_command(trained, images):
     missing = images["folder"] / "missing.jpg"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--ckpt", str(trained["show_tell"]), str(images["folder"]), str(missing),
+        [sys.executable, str(SCRIPT), "--ckpt", trained["show_tell"], images["folder"], str(missing),
          "--batch-size", "3", "--device", "cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -123,7 +130,7 @@ def test_lines_warnings_and_exit_code_of_the_real_command(trained, images):
 
 
 def test_captions_equal_generate_on_the_training_preprocessing(trained, images, capsys):
-    assert load_script().main(["--ckpt", str(trained["show_tell"]), str(images["folder"]), "--json"]) == 0
+    assert caption("--ckpt", trained["show_tell"], images["folder"], "--json") == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert all(set(row) == {"image", "caption"} for row in printed)
     assert [row["image"] for row in printed] == [str(p) for p in images["readable"]]
@@ -143,7 +150,7 @@ def test_captions_equal_generate_on_the_training_preprocessing(trained, images, 
 
 def test_out_writes_captioned_images_and_no_attention_figure_for_show_tell(trained, images, tmp_path, capsys):
     out = tmp_path / "out"
-    assert load_script().main(["--ckpt", str(trained["show_tell"]), str(images["folder"]), "--out", str(out)]) == 0
+    assert caption("--ckpt", trained["show_tell"], images["folder"], "--out", out) == 0
     captions = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}_caption.png" for p in images["readable"])
     for path in images["readable"]:
@@ -160,8 +167,7 @@ def test_out_writes_captioned_images_and_no_attention_figure_for_show_tell(train
 
 def test_attention_figures_and_weights(trained, images, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--ckpt", str(trained["attention"]), str(images["folder"]), "--out", str(out), "--beam-size", "2"]
-    assert load_script().main(argv) == 0
+    assert caption("--ckpt", trained["attention"], images["folder"], "--out", out, "--beam-size", "2") == 0
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == len(images["readable"])
     for path in images["readable"]:
@@ -192,38 +198,34 @@ def test_a_bad_checkpoint_is_one_line_and_exit_code_2(tmp_path, capsys):
     not_torch = tmp_path / "notes.ckpt"
     not_torch.write_text("hello")
     foreign = tmp_path / "foreign.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {}}, foreign)
-    script = load_script()
-    for ckpt, words in [(not_torch, "is not a PyTorch checkpoint"), (foreign, "is not a capline checkpoint")]:
-        assert script.main(["--ckpt", str(ckpt), str(tmp_path)]) == 2
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {}}, foreign)  # Lightning's, no vocab
+    for ckpt, words in [(not_torch, "not a PyTorch checkpoint"), (foreign, "not a capline checkpoint")]:
+        assert caption("--ckpt", ckpt, tmp_path) == 2
         captured = capsys.readouterr()
         [error] = captured.err.splitlines()
-        assert error.startswith(f"caption.py: error: {str(ckpt)!r} {words}") and captured.out == ""
+        assert error.startswith("caption.py: error:") and str(ckpt) in error and words in error, error
+        assert captured.out == ""
 
 
 def test_unsafe_objects_in_a_checkpoint_are_refused(tmp_path):
-    import argparse
-
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": {}, "vocab": [], "hyper_parameters": {"args": argparse.Namespace(a=1)}}, unsafe)
-    with pytest.raises(CheckpointError, match="argparse.Namespace"):
+    with pytest.raises(CheckpointError, match="unsafe to load"):
         load_caption_module(unsafe)
 
 
 def test_no_readable_image_is_exit_code_1(trained, images, capsys):
-    script = load_script()
-    assert script.main(["--ckpt", str(trained["show_tell"]), str(images["truncated"])]) == 1
+    assert caption("--ckpt", trained["show_tell"], images["truncated"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == "caption.py: error: no image could be captioned"
     empty = images["folder"] / "empty"
     empty.mkdir(exist_ok=True)
-    assert script.main(["--ckpt", str(trained["show_tell"]), str(empty)]) == 1
+    assert caption("--ckpt", trained["show_tell"], empty) == 1
 
 
 def test_bad_arguments_are_exit_code_2(trained, images, capsys):
-    script = load_script()
     for argv in (["--beam-size", "0"], ["--batch-size", "x"], ["--device", "tpu"]):
         with pytest.raises(SystemExit) as exit_info:
-            script.main(["--ckpt", str(trained["show_tell"]), str(images["folder"]), *argv])
+            caption("--ckpt", trained["show_tell"], images["folder"], *argv)
         assert exit_info.value.code == 2
         assert len(capsys.readouterr().err.splitlines()) == 1
 
@@ -232,15 +234,14 @@ def test_a_checkpoint_copied_alone_loads_with_its_run_config(trained, images, tm
     alone = tmp_path / "alone.ckpt"
     shutil.copy(trained["show_tell"], alone)
     run_config = trained["show_tell"].parents[1] / "config.yaml"
-    script = load_script()
     hparams = torch.load(alone, map_location="cpu", weights_only=False)["hyper_parameters"]
     if "encoder" in hparams:  # the checkpoint records its model: nothing else is needed
-        assert script.main(["--ckpt", str(alone), str(images["readable"][0])]) == 0
+        assert caption("--ckpt", alone, images["readable"][0]) == 0
     else:
-        assert script.main(["--ckpt", str(alone), str(images["readable"][0])]) == 2
+        assert caption("--ckpt", alone, images["readable"][0]) == 2
         [error] = capsys.readouterr().err.splitlines()
         assert "does not record its encoder and decoder config" in error and "--run-config" in error
-    assert script.main(["--ckpt", str(alone), "--run-config", str(run_config), str(images["readable"][0])]) == 0
+    assert caption("--ckpt", alone, "--run-config", run_config, images["readable"][0]) == 0
     assert capsys.readouterr().out.startswith(f"{images['readable'][0]}\t")
 
 
