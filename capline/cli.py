@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -32,6 +33,11 @@ from capline.preflight import (
     redact,
 )
 from capline.vocab import VocabError
+
+# Lightning's warnings that do not apply here: the streams give every dataloader worker its own part of the data,
+# so their __len__ is exact; the pytree one is Lightning's own deprecation, nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 # Mistakes in a config or its data: reported in one sentence, without a traceback.
 USER_ERRORS = (DataConfigError, EncoderConfigError, VocabError, CheckpointError, PrecisionError, OutputDirError)

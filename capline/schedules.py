@@ -35,7 +35,7 @@ class LRSchedule:
 class EncoderFinetuning:
     """The CNN stays frozen while the LSTM warms up, then is fine-tuned with its own learning rate."""
 
-    freeze_steps: int = 0  # optimizer steps with the encoder frozen (no gradient, BatchNorm in eval); -1: never train it
+    freeze_steps: int = 0  # steps with the encoder frozen (no gradient, BatchNorm in eval); -1: never train it
     lr: float = 1e-5  # encoder learning rate once unfrozen (per global batch)
     warmup_steps: int = 0  # linear ramp of the encoder rate after unfreezing, so pretrained features survive
 

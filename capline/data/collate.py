@@ -67,7 +67,8 @@ class CaptionBatcher:
     """Builds a batch from raw samples; bad samples are dropped and counted.
 
     A batch is a dict: `images` uint8 (B, 3, H, W); `tokens` (B, T) `<start> words <end>` padded with 0;
-    `refs` (B, R, L) every reference as ids and `captions` their text (evaluation only); `image_ids` (B,); `keys`; `skipped` (reasons,).
+    `refs` (B, R, L) every reference as ids and `captions` their text (evaluation only); `image_ids` (B,);
+    `keys`; `skipped` (reasons,).
 
     Args:
         vocab: The vocabulary.

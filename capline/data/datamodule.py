@@ -114,10 +114,8 @@ class CaptionDataModule(L.LightningDataModule):
             raise DataConfigError("data.vocab is not set; point it to the vocab.json written by tools/make_shards.py")
         self.vocab = Vocabulary.load(vocab)
         self.vocab_file = str(vocab)
-        self.shards = {
-            name: expand_shards(pattern, name) if pattern else None
-            for name, pattern in [("train_shards", train_shards), ("val_shards", val_shards), ("test_shards", test_shards)]
-        }
+        patterns = {"train_shards": train_shards, "val_shards": val_shards, "test_shards": test_shards}
+        self.shards = {name: expand_shards(pattern, name) if pattern else None for name, pattern in patterns.items()}
         if global_batch_size < 1:
             raise DataConfigError(f"data.global_batch_size must be positive, got {global_batch_size}")
         self.save_hyperparameters()

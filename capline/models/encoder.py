@@ -77,7 +77,8 @@ class TimmEncoder(nn.Module):
         if trainable_stages is None:
             return
         groups = timm.models.group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
-        keep = {name for gid in sorted(groups)[-trainable_stages:] for name in groups[gid]} if trainable_stages else set()
+        last = sorted(groups)[-trainable_stages:] if trainable_stages else []
+        keep = {name for gid in last for name in groups[gid]}
         # Frozen for good: DDP never registers these, which is correct since they never receive a gradient.
         for name, param in self.backbone.named_parameters():
             param.requires_grad_(name in keep)
