@@ -83,9 +83,10 @@ class CaptionCLI(LightningCLI):
     def _log_resolved_config(self) -> None:
         """Sends the whole resolved config (trainer, model, data...) to the loggers, secrets redacted."""
         parser = self._parser(self.subcommand)
-        config = yaml.safe_load(parser.dump(self.config[self.subcommand], skip_check=True))
+        config = redact(yaml.safe_load(parser.dump(self.config[self.subcommand], skip_check=True)))
+        self.model.run_config = config  # checkpoints carry it, so a checkpoint alone rebuilds the model
         for logger in self.trainer.loggers:
-            logger.log_hyperparams({"config": redact(config)})
+            logger.log_hyperparams({"config": config})
 
     def before_fit(self) -> None:
         # weights + two Adam moments, in float32: what a checkpoint holds, give or take

@@ -50,8 +50,8 @@ def load_caption_module(ckpt_path: str | Path, run_config: str | Path | None = N
     """
     path = Path(ckpt_path)
     checkpoint = read_checkpoint(path)
-    hparams = checkpoint.get("hyper_parameters") or {}
-    parts = {name: hparams.get(name) for name in ("encoder", "decoder")}
+    model_config = (checkpoint.get("config") or {}).get("model") or checkpoint.get("hyper_parameters") or {}
+    parts = {name: model_config.get(name) for name in ("encoder", "decoder")}
     if not all(isinstance(part, dict) for part in parts.values()):
         parts = _model_parts_from_run_config(path, run_config)
     encoder = {**parts["encoder"], "init_args": dict(parts["encoder"].get("init_args") or {})}

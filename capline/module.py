@@ -82,6 +82,7 @@ class CaptionModule(L.LightningModule):
         # A plain tensor, not a buffer: DDP would overwrite every rank's counts with rank 0's.
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         self._rng_to_restore: dict | None = None
+        self.run_config: dict | None = None  # the resolved CLI config, stored in every checkpoint
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps, self._nonfinite_in_a_row = 0, 0
         self._loss_finite: torch.Tensor | None = None
@@ -278,6 +279,8 @@ class CaptionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vocab"] = self.vocab.words
         checkpoint["rng_states"] = collect_rng_states()
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["wandb_run_id"] = logger.version  # the run a resumed job continues

@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+from capline.checkpoints import CheckpointError
 from capline.data.collate import ImageTransform
 from capline.data.decode import open_image
-from capline.checkpoints import CheckpointError
 from capline.inference import Captioner, find_images, load_caption_module
 
 ROOT = Path(__file__).resolve().parents[1]

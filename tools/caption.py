@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from capline.inference import Captioner, CheckpointError, find_images, load_caption_module, save_outputs
+from capline.checkpoints import CheckpointError
+from capline.inference import Captioner, find_images, load_caption_module, save_outputs
 
 PROG = "caption.py"
 EXIT_NONE_CAPTIONED, EXIT_ERROR = 1, 2
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --device cuda was given but torch sees no CUDA device; use cpu", file=sys.stderr)
         return EXIT_ERROR
     try:
+        module = load_caption_module(args.ckpt, args.run_config)
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-        module = load_caption_module(args.ckpt, args.run_config)
     except (CheckpointError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -175,7 +175,7 @@ class AttentionDecoder(CaptionDecoder):
         h, c, feats = state["h"], state["c"], state["feats"]
         energy = self.score(torch.tanh(state["feats_proj"] + self.hidden_proj(h).unsqueeze(1))).squeeze(2)
         alpha = F.softmax(energy.float(), dim=1).to(feats.dtype)  # (B, N)
-        context = torch.sigmoid(self.gate(h)) * (alpha.unsqueeze(2) * feats).sum(dim=1)  # (B, C)
+        context = torch.sigmoid(self.gate(h)) * torch.bmm(alpha.unsqueeze(1), feats).squeeze(1)  # (B, C)
         h, c = self.cell(torch.cat([self.dropout(self.embed(tokens)), context], dim=1), (h, c))
         new_state = {**state, "h": h, "c": c, "alpha": alpha}
         return self.head(self.dropout(h)), new_state

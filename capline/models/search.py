@@ -104,8 +104,13 @@ def beam_search(
     done = torch.zeros(batch * k, dtype=torch.bool, device=device)
     seqs = torch.empty(batch * k, 0, dtype=torch.long, device=device)
     alphas: torch.Tensor | None = None
+    # State entries that step never changes (the attention decoder's image features) are equal for all beams of
+    # an image, and beams never move between images: only the others need reordering.
+    unchanged = set(state)
     for _ in range(max_len):
-        logits, state = decoder.step(tokens, state)
+        logits, stepped = decoder.step(tokens, state)
+        unchanged = {key for key in unchanged if stepped.get(key) is state[key]}
+        state = stepped
         logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
         if block_repeated_trigrams and seqs.shape[1] >= 2:
             for row, words in enumerate(_banned_trigram_words(seqs)):
@@ -117,7 +122,8 @@ def beam_search(
         scores, flat = total.topk(k, dim=1)  # (B, K)
         origin = (torch.arange(batch, device=device).unsqueeze(1) * k + flat // vocab).view(-1)
         tokens = (flat % vocab).view(-1)
-        state = decoder.reorder_state(state, origin)
+        changed = {key: value for key, value in state.items() if key not in unchanged}
+        state = {**state, **decoder.reorder_state(changed, origin)}
         seqs = torch.cat([seqs[origin], tokens.unsqueeze(1)], dim=1)
         if "alpha" in state:
             step_alpha = state["alpha"].unsqueeze(1)
