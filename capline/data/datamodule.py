@@ -98,6 +98,11 @@ class CaptionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if synthetic is not None:
+            given = [n for n, v in (("train_shards", train_shards), ("val_shards", val_shards), ("vocab", vocab)) if v]
+            if given:
+                raise DataConfigError(
+                    f"data.synthetic and data.{given[0]} are both set; add --data.synthetic null to use your own shards"
+                )
             from filelock import FileLock
 
             from capline.data.synthetic import ensure_synthetic_dataset

@@ -40,7 +40,8 @@ def assert_fails_fast(result: subprocess.CompletedProcess, elapsed: float, *word
 
 @pytest.fixture
 def vocab_and_shards(synthetic_data) -> list[str]:
-    return ["--data.vocab", synthetic_data["vocab"], "--data.train_shards", synthetic_data["train_shards"],
+    return ["--data.synthetic", "null", "--data.vocab", synthetic_data["vocab"],
+            "--data.train_shards", synthetic_data["train_shards"],
             "--data.val_shards", synthetic_data["val_shards"], "--data.samples_per_epoch", "256"]  # fmt: skip
 
 

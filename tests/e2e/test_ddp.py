@@ -29,6 +29,7 @@ def base_args(tmp_path: Path, shards: dict, devices: int, batch: int = 8) -> lis
     run = tmp_path / f"run{devices}"
     return [
         "--config", str(ROOT / "configs/demo.yaml"),
+        "--data.synthetic", "null",
         "--data.train_shards", shards["train_shards"],
         "--data.val_shards", shards["val_shards"],
         "--data.vocab", shards["vocab"],
@@ -75,8 +76,8 @@ def uneven_shards(tmp_path_factory) -> dict:
 def test_two_process_fit_with_uneven_shards_has_disjoint_ranks_and_identical_encoders(tmp_path, uneven_shards):
     record = tmp_path / "record"
     args = base_args(tmp_path, uneven_shards, devices=2) + [
-        "--data.samples_per_epoch", "96",  # 6 batches of 8 per rank per epoch
-        "--trainer.max_steps", "10",  # 2 epochs; the encoder trains from step 4
+        "--data.samples_per_epoch", "48",  # 6 steps of 8 images (4 per rank) per epoch
+        "--trainer.max_steps", "10",  # 2 epochs (the second cut short); the encoder trains from step 4
         "--trainer.val_check_interval", "5",
         "--model.encoder_finetuning.freeze_steps", "4",
         "--trainer.callbacks+=recorder.RankRecorder", "--trainer.callbacks.out_dir", str(record),
@@ -91,6 +92,7 @@ def test_two_process_fit_with_uneven_shards_has_disjoint_ranks_and_identical_enc
         assert len(keys0) == len(ranks[0]["keys"][epoch])  # no sample twice on a rank
         assert not keys0 & keys1, f"epoch {epoch}: ranks share {len(keys0 & keys1)} samples"
     assert len(ranks[0]["keys"]["0"]) == len(ranks[1]["keys"]["0"]) == 6 * 4
+    assert len(ranks[0]["keys"]["1"]) == len(ranks[1]["keys"]["1"]) == 4 * 4
     # after 6 fine-tuning steps the encoder weights are bitwise the same on both ranks
     assert ranks[0]["encoder_sha256"] == ranks[1]["encoder_sha256"]
     assert time.time() - start < 300
