@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from capline.vocab import Vocabulary
 
@@ -62,3 +64,26 @@ def check_compatible(checkpoint: dict, vocab: Vocabulary, state: dict) -> None:
             f"({len(missing)} tensors missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape; "
             f"e.g. {example})"
         )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it over the target.
+
+    A rename within one file system is atomic, so a kill or a full disk during a save leaves the previous
+    checkpoint intact. (Lightning's own save goes through a temporary file in /tmp, whose final move is a plain
+    copy when the checkpoint folder is on another file system, as it often is on clusters.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -15,10 +15,11 @@ import sys
 import warnings
 
 import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from capline.checkpoints import CheckpointError, read_checkpoint
+from capline.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from capline.data.datamodule import CaptionDataModule, DataConfigError
 from capline.models.encoder import EncoderConfigError
 from capline.module import CaptionModule
@@ -79,6 +80,12 @@ class CaptionCLI(LightningCLI):
             if subcommand == "fit":
                 continue_wandb_run(config, checkpoint)
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make saves atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _log_resolved_config(self) -> None:
         """Sends the whole resolved config (trainer, model, data...) to the loggers, secrets redacted."""

@@ -110,3 +110,27 @@ def test_ckpt_path_last_on_a_first_run_just_starts(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting a new run" in result.stderr
     assert (tmp_path / "first/checkpoints/last.ckpt").exists()
+
+
+def test_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    from capline.checkpoints import read_checkpoint
+
+    args = args_for(tmp_path, tmp_path / "data", "stalled")
+    marker = tmp_path / "stalled.marker"
+    run_env = env(tmp_path) | {
+        "CAPLINE_TEST_STALL_SAVE": "2",  # the first save of last.ckpt completes, the second stalls
+        "CAPLINE_TEST_STALL_MARKER": str(marker),
+        "PYTHONPATH": f"{Path(__file__).parent / 'slow_disk'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    proc = subprocess.Popen([CAPLINE, "fit", *args], env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no stalled save"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    half_written = Path(marker.read_text())
+    assert half_written.parent == tmp_path / "stalled/checkpoints" and half_written.name.endswith(".tmp")
+    assert 0 < half_written.stat().st_size  # killed with half a checkpoint on disk...
+    checkpoint = read_checkpoint(tmp_path / "stalled/checkpoints/last.ckpt")  # ...and the previous one whole
+    assert checkpoint["global_step"] in (6, 10) and len(checkpoint["state_dict"]) > 0

@@ -1,0 +1,107 @@
+"""capline's benchmarks in one table, each measured against a baseline timed in the same run.
+
+    python tools/bench.py                        # every benchmark at full size
+    python tools/bench.py --quick                # under 10 minutes on 2 CPU cores
+    python tools/bench.py --quick --json         # the table, then every row as JSON on the last line
+    python tools/bench.py --only data overhead   # some of: data overhead beam cider sampling gpu
+
+A row is `{"name", "value", "goal", "ok"}` (and sometimes a `note`): `goal` is a number, or "report" for a figure
+without one; `value` and `ok` are null when the row was not measured (no GPU, or the benchmark failed).
+Exit status: 0 when every measured goal is met, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tools.benchmarks` when run as a script
+
+BENCHMARKS = {
+    "data": "tools.benchmarks.data",  # training dataloader vs bare PIL decode, raw vs pre-resized shards
+    "overhead": "tools.benchmarks.overhead",  # Trainer.fit + CaptionModule vs a bare PyTorch loop
+    "beam": "tools.benchmarks.beam",  # batched vs per-image beam search
+    "cider": "tools.benchmarks.cider",  # cider_d vs pycocoevalcap
+    "sampling": "tools.benchmarks.sampling",  # scheduled sampling vs teacher forcing step time
+    "gpu": "tools.benchmarks.gpu",  # images/s per GPU and data wait (CUDA only)
+}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{cpu}, {os.cpu_count()} cores{load}{gpu}; torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def run_benchmark(name: str, quick: bool) -> list[dict]:
+    """The rows of one benchmark; a benchmark that fails gives one not-measured row naming the error."""
+    try:
+        rows = importlib.import_module(BENCHMARKS[name]).run(quick=quick)
+    except Exception as err:  # noqa: BLE001 -- one broken benchmark must not hide the others' results
+        traceback.print_exc()
+        return [{"name": name, "value": None, "goal": None, "ok": None, "note": f"failed: {type(err).__name__}: {err}"}]
+    for row in rows:
+        if row["value"] is not None and not math.isfinite(row["value"]):
+            row.update(value=None, ok=None, note=f"non-finite value {row['value']}")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'name':<48} {'value':>12}  {'goal':>8}  status"]
+    for row in rows:
+        value = "-" if row["value"] is None else f"{row['value']:.4g}"
+        goal = "report" if row["goal"] in (None, "report") else f"{row['goal']:g}"
+        if row["ok"] is None:
+            status = "not measured"
+        elif goal == "report":
+            status = "report"
+        else:
+            status = "ok" if row["ok"] else "MISS"
+        note = f"  ({row['note']})" if row.get("note") else ""
+        lines.append(f"{row['name']:<48} {value:>12}  {goal:>8}  {status}{note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller and fewer repeats: under 10 minutes on 2 cores")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list on the last line")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
+                        help=f"run only these benchmarks: {' '.join(BENCHMARKS)}")
+    args = parser.parse_args(argv)
+    # Lightning's start-up banners and tips would bury the table.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    print(machine(), flush=True)
+    rows, started = [], time.perf_counter()
+    for name in args.only or BENCHMARKS:
+        start = time.perf_counter()
+        rows += run_benchmark(name, args.quick)
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(format_table(rows))
+    print(f"total: {time.perf_counter() - started:.0f} s{' (--quick)' if args.quick else ''}")
+    if args.json:
+        print(json.dumps([{k: row.get(k) for k in ("name", "value", "goal", "ok", "note") if k in row} for row in rows]))
+    return 0 if all(row["ok"] is not False for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

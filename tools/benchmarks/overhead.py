@@ -1,0 +1,207 @@
+"""Lightning overhead: the demo model trained by `Trainer.fit` + `CaptionModule` against a bare PyTorch loop.
+
+    python -m tools.benchmarks.overhead            # 80 timed steps of each
+    python -m tools.benchmarks.overhead --quick    # 30
+
+Both sides train the model of `configs/demo.yaml` (resnet18 at 64 px, ShowTellDecoder 256/256, AdamW, its
+precision and gradient clipping, the same LR schedule) on the same in-memory batches, served by the same
+`DataLoader` over a list, so data loading costs nothing and is the same on both sides. Lightning runs with no
+logger, no checkpointing, no validation and no progress bar. The two alternate step by step (the bare step runs
+from a callback after each Lightning step, and its time is taken out of the Lightning step's), so a burst of load
+on a shared machine hits both alike. The first `WARMUP_STEPS` are not timed; the value is the ratio of median
+step times. The module's own per-step work (skip counting, `self.log`, the non-finite gradient check) counts as
+Lightning's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from capline.data.decode import SKIP_REASONS
+from capline.data.synthetic import generate_scene
+from capline.models.loss import masked_cross_entropy
+from capline.module import CaptionModule
+from capline.schedules import EncoderFinetuning, LRSchedule
+from capline.vocab import Vocabulary
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+BATCH_SIZE = 64  # the demo's global batch
+CAPTION_WORDS = 12  # + <start> and <end>: 14 tokens, as the demo's scenes
+WARMUP_STEPS = 5
+
+
+# ---- the demo model and its batches (shared with sampling.py and gpu.py) -------------------------------------
+def demo_config() -> dict:
+    return yaml.safe_load(DEMO_CONFIG.read_text())
+
+
+def _class(path: str):
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def demo_vocabulary(num_scenes: int = 300) -> Vocabulary:
+    """The demo's words: those of the captions of the first synthetic scenes (drawn small, only words count)."""
+    return Vocabulary.build((c for i in range(num_scenes) for c in generate_scene(i, image_size=32)[1]), min_count=1)
+
+
+def demo_module(vocab: Vocabulary, seed: int = 0, decoder: str | None = None, **decoder_args) -> CaptionModule:
+    """`CaptionModule` with the demo's encoder, decoder (or `decoder` with `decoder_args`), optimizer and
+    schedules, as `capline fit --config configs/demo.yaml` builds it."""
+    model = demo_config()["model"]
+    torch.manual_seed(seed)
+    decoder_args = decoder_args if decoder else {**model["decoder"]["init_args"], **decoder_args}
+    return CaptionModule(
+        encoder=_class(model["encoder"]["class_path"])(**model["encoder"]["init_args"]),
+        decoder=functools.partial(_class(decoder or model["decoder"]["class_path"]), **decoder_args),
+        vocabulary=vocab.words,
+        optimizer=functools.partial(_class(model["optimizer"]["class_path"]), **model["optimizer"]["init_args"]),
+        lr_schedule=LRSchedule(**model["lr_schedule"]),
+        encoder_finetuning=EncoderFinetuning(**model["encoder_finetuning"]),
+        max_len=model["max_len"],
+    )
+
+
+def make_batches(vocab_size: int, image_size: int, num: int, batch_size: int = BATCH_SIZE,
+                 words: int = CAPTION_WORDS, seed: int = 0) -> list[dict]:
+    """Training batches as `CaptionBatcher` yields them: uint8 images, `<start> words <end>` tokens padded with 0
+    (captions of `words - 3` to `words` words), no skipped samples."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num):
+        lengths = torch.randint(words - 3, words + 1, (batch_size,), generator=gen)
+        lengths[0] = words
+        tokens = torch.zeros(batch_size, words + 2, dtype=torch.long)  # (B, T)
+        for row, n in enumerate(lengths.tolist()):
+            tokens[row, 0] = Vocabulary.start_id
+            tokens[row, 1 : n + 1] = torch.randint(4, vocab_size, (n,), generator=gen)
+            tokens[row, n + 1] = Vocabulary.end_id
+        images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=gen)
+        batches.append({
+            "images": images, "tokens": tokens, "image_ids": torch.arange(batch_size),
+            "keys": [str(i) for i in range(batch_size)], "skipped": torch.zeros(len(SKIP_REASONS), dtype=torch.long),
+        })  # fmt: skip
+    return batches
+
+
+class _Repeated(torch.utils.data.Dataset):
+    def __init__(self, batches: list[dict], length: int):
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return self.batches[index % len(self.batches)]
+
+
+def batch_loader(batches: list[dict], steps: int) -> DataLoader:
+    """`steps` batches cycling through `batches`, in the main process (`batch_size=None`: they are batches)."""
+    return DataLoader(_Repeated(batches, steps), batch_size=None, shuffle=False, num_workers=0)
+
+
+# ---- the two training loops ---------------------------------------------------------------------------------
+class BareLoop:
+    """A hand-written training step doing the same work as `CaptionModule` under Lightning: forward, loss,
+    backward, gradient clipping, the optimizer and LR schedule of the config, in the same precision."""
+
+    def __init__(self, module: CaptionModule, precision: str, clip: float | None, total_steps: int):
+        self.module, self.clip = module, clip
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = module.optimizer_factory(self.params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: module.lr_schedule.factor(step, total_steps)
+        )
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+        module.train()
+
+    def step(self, batch: dict) -> None:
+        tokens = batch["tokens"]  # (B, T)
+        with self.autocast:
+            logits = self.module.decoder(self.module.encoder(batch["images"]), tokens[:, :-1])  # (B, T-1, V)
+            loss = masked_cross_entropy(logits, tokens[:, 1:])
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+
+class StepTimer(L.Callback):
+    """Records when each training step starts, and when training ends.
+
+    With `between`, runs it after every Lightning step and records how long it took, so that the two loops
+    alternate step by step and see the same load on a shared machine.
+    """
+
+    def __init__(self, between=None):
+        self.between = between
+        self.stamps: list[float] = []
+        self.between_s: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.between is not None:
+            start = time.perf_counter()
+            self.between(batch)
+            self.between_s.append(time.perf_counter() - start)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def interleaved_step_times(steps: int) -> dict[str, list[float]]:
+    """Seconds per step of `Trainer.fit` and of `BareLoop`, alternating step by step, warm-up excluded."""
+    trainer_config, model = demo_config()["trainer"], demo_config()["model"]
+    precision, clip = trainer_config["precision"], trainer_config.get("gradient_clip_val")
+    vocab = demo_vocabulary()
+    loader = batch_loader(make_batches(len(vocab), model["encoder"]["init_args"]["img_size"], num=4), steps)
+    bare = BareLoop(demo_module(vocab), precision, clip, steps)
+    timer = StepTimer(between=bare.step)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision=precision, gradient_clip_val=clip, max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=[timer],
+    )  # fmt: skip
+    trainer.fit(demo_module(vocab), train_dataloaders=loader)
+    spans = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]  # Lightning step + the bare step after it
+    return {
+        "lightning": [span - between for span, between in zip(spans, timer.between_s)][WARMUP_STEPS:],
+        "bare": timer.between_s[WARMUP_STEPS:],
+    }
+
+
+def run(quick: bool = False, timed_steps: int | None = None) -> list[dict]:
+    """Median step time of both loops; value = bare / Lightning step time (the fraction of speed kept)."""
+    times = interleaved_step_times(WARMUP_STEPS + (timed_steps or (30 if quick else 80)))
+    step_s = {name: statistics.median(t) for name, t in times.items()}
+    ratio = step_s["bare"] / step_s["lightning"]
+    return [
+        _row("lightning_vs_bare_loop_demo", ratio, 0.95, ratio >= 0.95),
+        _row("lightning_demo_train_img_s", BATCH_SIZE / step_s["lightning"]),
+        _row("bare_loop_demo_train_img_s", BATCH_SIZE / step_s["bare"]),
+    ]
+
+
+def _row(name: str, value: float, goal: float | str = "report", ok: bool = True) -> dict:
+    return {"name": name, "value": float(value), "goal": goal, "ok": bool(ok)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="30 timed steps instead of 80")
+    for row in run(quick=parser.parse_args().quick):
+        print(f"{row['name']:<36} {row['value']:>10.4g}  goal {row['goal']!s:<7} {'ok' if row['ok'] else 'MISS'}")
