@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(f"total: {time.perf_counter() - started:.0f} s{' (--quick)' if args.quick else ''}")
     if args.json:
-        print(json.dumps([{k: row.get(k) for k in ("name", "value", "goal", "ok", "note") if k in row} for row in rows]))
+        keys = ("name", "value", "goal", "ok", "note")
+        print(json.dumps([{k: row[k] for k in keys if k in row} for row in rows]))
     return 0 if all(row["ok"] is not False for row in rows) else 1
 
 

@@ -171,11 +171,25 @@ class AttentionDecoder(CaptionDecoder):
             "alpha": feats.new_zeros(feats.shape[:2]),
         }
 
-    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def _advance(self, embedded: torch.Tensor, state: State) -> State:
+        """One LSTM step from an embedded word (B, E): attend, gate the context, update h and c."""
         h, c, feats = state["h"], state["c"], state["feats"]
         energy = self.score(torch.tanh(state["feats_proj"] + self.hidden_proj(h).unsqueeze(1))).squeeze(2)
         alpha = F.softmax(energy.float(), dim=1).to(feats.dtype)  # (B, N)
         context = torch.sigmoid(self.gate(h)) * torch.bmm(alpha.unsqueeze(1), feats).squeeze(1)  # (B, C)
-        h, c = self.cell(torch.cat([self.dropout(self.embed(tokens)), context], dim=1), (h, c))
-        new_state = {**state, "h": h, "c": c, "alpha": alpha}
-        return self.head(self.dropout(h)), new_state
+        h, c = self.cell(torch.cat([embedded, context], dim=1), (h, c))
+        return {**state, "h": h, "c": c, "alpha": alpha}
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        state = self._advance(self.dropout(self.embed(tokens)), state)
+        return self.head(self.dropout(state["h"])), state
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        # Teacher forcing: embed all words and apply the output layer once; only the recurrence steps.
+        state = self.init_state(features)
+        embedded = self.dropout(self.embed(tokens))  # (B, T, E)
+        hidden = []
+        for t in range(tokens.shape[1]):
+            state = self._advance(embedded[:, t], state)
+            hidden.append(state["h"])
+        return self.head(self.dropout(torch.stack(hidden, dim=1)))  # (B, T, V)

@@ -1,7 +1,7 @@
 """Data pipeline: the real training dataloader against bare PIL decode of the same JPEGs, same worker count.
 
-    python -m tools.benchmarks.data            # 1,500 COCO-like 640x480 JPEGs, best of 3 interleaved timings
-    python -m tools.benchmarks.data --quick    # 1,000 JPEGs, best of 2
+    python -m tools.benchmarks.data            # 1,500 COCO-like 640x480 JPEGs, best of 5 interleaved timings
+    python -m tools.benchmarks.data --quick    # 1,000 JPEGs, best of 3
 
 The loader is `CaptionDataModule.train_dataloader()` over shards on local disk (TrainStream -> decode with
 `Image.draft` -> `ImageTransform` for resnet50's timm data config -> `CaptionBatcher`). The limit is a
@@ -144,25 +144,28 @@ def read_jpegs(pattern: str) -> list[bytes]:
     return [s["jpg"] for s in wds.tariterators.tarfile_samples([{"url": u} for u in urls])]
 
 
-def run(quick: bool = False, num_images: int | None = None, worker_counts: tuple[int, ...] = (1, 2)) -> list[dict]:
-    """Loader/limit ratios for each worker count, and what pre-resizing the shards to 256 px buys."""
-    from capline.models import TimmEncoder
-
-    num_images = num_images or (1000 if quick else 1500)
-    repeats = 2 if quick else 3
-    info = prepare_shards(num_images)
-    data_config = TimmEncoder(ENCODER).data_config
+def measure_all(info: dict, data_config: dict, worker_counts: tuple[int, ...], repeats: int) -> dict:
+    """Best images/s of `("loader" | "limit", split, workers)` over `repeats` interleaved rounds."""
     jpegs = {split: read_jpegs(info[split]["pattern"]) for split in ("raw", "pre256")}
     best: dict[tuple[str, str, int], float] = {}
     for _ in range(repeats):  # interleaved, so a burst of load on the shared machine hits both sides alike
         for split in ("raw", "pre256"):
             for workers in worker_counts:
-                for kind, measure in (
-                    ("loader", lambda: loader_rate(info[split]["pattern"], info["vocab"], data_config, workers)),
-                    ("limit", lambda: decode_limit_rate(jpegs[split], data_config, workers)),
-                ):
-                    key = (kind, split, workers)
-                    best[key] = max(best.get(key, 0.0), measure())
+                rates = {
+                    "loader": loader_rate(info[split]["pattern"], info["vocab"], data_config, workers),
+                    "limit": decode_limit_rate(jpegs[split], data_config, workers),
+                }
+                for kind, rate in rates.items():
+                    best[kind, split, workers] = max(best.get((kind, split, workers), 0.0), rate)
+    return best
+
+
+def run(quick: bool = False, num_images: int | None = None, worker_counts: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """Loader/limit ratios for each worker count, and what pre-resizing the shards to 256 px buys."""
+    from capline.models import TimmEncoder
+
+    info = prepare_shards(num_images or (1000 if quick else 1500))
+    best = measure_all(info, TimmEncoder(ENCODER).data_config, worker_counts, repeats=3 if quick else 5)
     rows = []
     for workers in worker_counts:
         ratio = best["loader", "raw", workers] / best["limit", "raw", workers]
@@ -187,6 +190,6 @@ def _row(name: str, value: float, goal: float | str = "report", ok: bool = True)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 images, best of 2")
+    parser.add_argument("--quick", action="store_true", help="1,000 images, best of 3")
     for row in run(quick=parser.parse_args().quick):
         print(f"{row['name']:<48} {row['value']:>10.4g}  goal {row['goal']!s:<7} {'ok' if row['ok'] else 'MISS'}")

@@ -3,77 +3,68 @@
     python -m tools.benchmarks.overhead            # 80 timed steps of each
     python -m tools.benchmarks.overhead --quick    # 30
 
-Both sides train the model of `configs/demo.yaml` (resnet18 at 64 px, ShowTellDecoder 256/256, AdamW, its
-precision and gradient clipping, the same LR schedule) on the same in-memory batches, served by the same
+Both sides train the demo model (resnet18 at 64 px trained from the first step, ShowTellDecoder 256/256, AdamW,
+fp32, gradient norm clipped at 5, cosine LR schedule) on the same in-memory batches, served by the same
 `DataLoader` over a list, so data loading costs nothing and is the same on both sides. Lightning runs with no
 logger, no checkpointing, no validation and no progress bar. The two alternate step by step (the bare step runs
 from a callback after each Lightning step, and its time is taken out of the Lightning step's), so a burst of load
-on a shared machine hits both alike. The first `WARMUP_STEPS` are not timed; the value is the ratio of median
-step times. The module's own per-step work (skip counting, `self.log`, the non-finite gradient check) counts as
-Lightning's.
+on a shared machine hits both alike. The first `WARMUP_STEPS` are not timed; the value is the ratio of the best
+step times (the least disturbed by other jobs). The module's own per-step work (skip counting, `self.log`, the
+non-finite gradient check) counts as Lightning's.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import statistics
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from capline.data.decode import SKIP_REASONS
 from capline.data.synthetic import generate_scene
+from capline.models import ShowTellDecoder, TimmEncoder
 from capline.models.loss import masked_cross_entropy
 from capline.module import CaptionModule
 from capline.schedules import EncoderFinetuning, LRSchedule
 from capline.vocab import Vocabulary
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+# The demo model of configs/demo.yaml, pinned here so that the figures keep their meaning when the config changes.
+DEMO_ENCODER = {"model_name": "resnet18", "pretrained": False, "img_size": 64, "crop_pct": 1.0}
+DEMO_DECODER = {"embed_dim": 256, "hidden_dim": 256, "num_layers": 1, "dropout": 0.1}
+DEMO_OPTIMIZER = {"lr": 0.002, "weight_decay": 0.0}
+DEMO_TRAINER = {"precision": "32-true", "gradient_clip_val": 5.0}
+DEMO_MAX_LEN = 16
 BATCH_SIZE = 64  # the demo's global batch
 CAPTION_WORDS = 12  # + <start> and <end>: 14 tokens, as the demo's scenes
 WARMUP_STEPS = 5
 
 
-# ---- the demo model and its batches (shared with sampling.py and gpu.py) -------------------------------------
-def demo_config() -> dict:
-    return yaml.safe_load(DEMO_CONFIG.read_text())
-
-
-def _class(path: str):
-    module, name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
-
-
+# ---- the demo model and its batches (shared with sampling.py) -------------------------------------------------
 def demo_vocabulary(num_scenes: int = 300) -> Vocabulary:
     """The demo's words: those of the captions of the first synthetic scenes (drawn small, only words count)."""
     return Vocabulary.build((c for i in range(num_scenes) for c in generate_scene(i, image_size=32)[1]), min_count=1)
 
 
-def demo_module(vocab: Vocabulary, seed: int = 0, decoder: str | None = None, **decoder_args) -> CaptionModule:
-    """`CaptionModule` with the demo's encoder, decoder (or `decoder` with `decoder_args`), optimizer and
-    schedules, as `capline fit --config configs/demo.yaml` builds it."""
-    model = demo_config()["model"]
+def demo_module(vocab: Vocabulary, seed: int = 0, decoder: type = ShowTellDecoder, **decoder_args) -> CaptionModule:
+    """The demo's `CaptionModule`; `decoder` and `decoder_args` replace its decoder."""
     torch.manual_seed(seed)
-    decoder_args = decoder_args if decoder else {**model["decoder"]["init_args"], **decoder_args}
     return CaptionModule(
-        encoder=_class(model["encoder"]["class_path"])(**model["encoder"]["init_args"]),
-        decoder=functools.partial(_class(decoder or model["decoder"]["class_path"]), **decoder_args),
+        encoder=TimmEncoder(**DEMO_ENCODER),
+        decoder=functools.partial(decoder, **(decoder_args or DEMO_DECODER)),
         vocabulary=vocab.words,
-        optimizer=functools.partial(_class(model["optimizer"]["class_path"]), **model["optimizer"]["init_args"]),
-        lr_schedule=LRSchedule(**model["lr_schedule"]),
-        encoder_finetuning=EncoderFinetuning(**model["encoder_finetuning"]),
-        max_len=model["max_len"],
+        optimizer=functools.partial(torch.optim.AdamW, **DEMO_OPTIMIZER),
+        lr_schedule=LRSchedule(name="cosine", warmup_steps=30, min_ratio=0.05),
+        encoder_finetuning=EncoderFinetuning(freeze_steps=0, lr=DEMO_OPTIMIZER["lr"]),
+        max_len=DEMO_MAX_LEN,
     )
 
 
-def make_batches(vocab_size: int, image_size: int, num: int, batch_size: int = BATCH_SIZE,
-                 words: int = CAPTION_WORDS, seed: int = 0) -> list[dict]:
+def make_batches(vocab_size: int, num: int, batch_size: int = BATCH_SIZE, words: int = CAPTION_WORDS,
+                 image_size: int = DEMO_ENCODER["img_size"], seed: int = 0) -> list[dict]:
     """Training batches as `CaptionBatcher` yields them: uint8 images, `<start> words <end>` tokens padded with 0
     (captions of `words - 3` to `words` words), no skipped samples."""
     gen = torch.Generator().manual_seed(seed)
@@ -165,16 +156,14 @@ class StepTimer(L.Callback):
 
 def interleaved_step_times(steps: int) -> dict[str, list[float]]:
     """Seconds per step of `Trainer.fit` and of `BareLoop`, alternating step by step, warm-up excluded."""
-    trainer_config, model = demo_config()["trainer"], demo_config()["model"]
-    precision, clip = trainer_config["precision"], trainer_config.get("gradient_clip_val")
     vocab = demo_vocabulary()
-    loader = batch_loader(make_batches(len(vocab), model["encoder"]["init_args"]["img_size"], num=4), steps)
-    bare = BareLoop(demo_module(vocab), precision, clip, steps)
+    loader = batch_loader(make_batches(len(vocab), num=4), steps)
+    bare = BareLoop(demo_module(vocab), DEMO_TRAINER["precision"], DEMO_TRAINER["gradient_clip_val"], steps)
     timer = StepTimer(between=bare.step)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision=precision, gradient_clip_val=clip, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[timer],
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[timer], **DEMO_TRAINER,
     )  # fmt: skip
     trainer.fit(demo_module(vocab), train_dataloaders=loader)
     spans = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]  # Lightning step + the bare step after it
@@ -185,12 +174,14 @@ def interleaved_step_times(steps: int) -> dict[str, list[float]]:
 
 
 def run(quick: bool = False, timed_steps: int | None = None) -> list[dict]:
-    """Median step time of both loops; value = bare / Lightning step time (the fraction of speed kept)."""
+    """Best step time of both loops; value = bare / Lightning step time (the fraction of speed kept)."""
     times = interleaved_step_times(WARMUP_STEPS + (timed_steps or (30 if quick else 80)))
-    step_s = {name: statistics.median(t) for name, t in times.items()}
+    step_s = {name: min(t) for name, t in times.items()}
     ratio = step_s["bare"] / step_s["lightning"]
+    median_ratio = statistics.median(times["bare"]) / statistics.median(times["lightning"])
     return [
         _row("lightning_vs_bare_loop_demo", ratio, 0.95, ratio >= 0.95),
+        _row("lightning_vs_bare_loop_demo_median", median_ratio),
         _row("lightning_demo_train_img_s", BATCH_SIZE / step_s["lightning"]),
         _row("bare_loop_demo_train_img_s", BATCH_SIZE / step_s["bare"]),
     ]

@@ -1,0 +1,65 @@
+"""The recipe ablation on the demo data: each row is one `capline fit` of configs/demo.yaml with the same steps.
+
+    python tools/ablation.py [--steps 600] [--out runs/ablation] [--only NAME ...]
+
+Prints a Markdown table of the final `val/cider` (and the best single constant caption's CIDEr-D for scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from capline.loggers import read_wandb_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOW_TELL = ["--model.decoder.class_path", "capline.models.ShowTellDecoder",
+             "--model.decoder.init_args.embed_dim", "256", "--model.decoder.init_args.hidden_dim", "256"]  # fmt: skip
+NO_SAMPLING = ["--model.scheduled_sampling.schedule", "none"]
+ROWS = {
+    "show_tell_frozen_cnn": SHOW_TELL + NO_SAMPLING + ["--model.encoder_finetuning.freeze_steps", "-1"],
+    "show_tell_warmup_finetune": SHOW_TELL + NO_SAMPLING,
+    "show_tell_warmup_finetune_ss": SHOW_TELL,
+    "attention_warmup_finetune_ss": [],  # the demo config as shipped
+}
+
+
+def run_row(name: str, overrides: list[str], steps: int, out: Path) -> dict:
+    run_dir = out / name
+    args = [
+        sys.executable, "-m", "capline", "fit", "--config", str(ROOT / "configs/demo.yaml"), *overrides,
+        "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(run_dir),
+        "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    minutes = (time.perf_counter() - start) / 60
+    if result.returncode:
+        raise RuntimeError(f"{name} failed:\n{result.stderr[-2000:]}")
+    run_file = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))[-1]
+    history = read_wandb_run(run_file)["history"]
+    values = {k: [row[k] for row in history if k in row] for k in ("val/cider", "val/cider_shuffled", "val/unique_captions")}
+    return {"name": name, "minutes": minutes, **{k: v[-1] for k, v in values.items() if v}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--only", nargs="*", default=list(ROWS))
+    args = parser.parse_args()
+    rows = [run_row(name, ROWS[name], args.steps, Path(args.out)) for name in args.only]
+    print(f"| run ({args.steps} steps) | val/cider | val/cider_shuffled | val/unique_captions | minutes |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['name']} | {r['val/cider']:.3f} | {r['val/cider_shuffled']:.3f} | "
+              f"{r['val/unique_captions']:.3f} | {r['minutes']:.1f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
