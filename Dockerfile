@@ -15,10 +15,12 @@ COPY capline ./capline
 COPY configs ./configs
 COPY tools ./tools
 # torch and torchvision come with the base image; pip keeps them.
+# pycocoevalcap's PTB tokenizer writes temporary files into its own package folder: the user must own it.
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 1000 capline \
     && mkdir -p /app/runs /app/data \
-    && chown -R capline:capline /app
+    && chown -R capline:capline /app \
+    && chown -R capline:capline "$(python -c 'import os, pycocoevalcap; print(os.path.dirname(pycocoevalcap.__file__))')"
 
 USER 1000:1000
 ENV WANDB_DIR=/app/runs

@@ -8,6 +8,7 @@ go back, online (W&B reports the run's step on resume) and offline (read from th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
@@ -29,6 +30,9 @@ class WandbLogger(_LightningWandbLogger):
     """
 
     def __init__(self, *args, **kwargs):
+        mode = os.environ.get("WANDB_MODE")
+        if mode:  # the environment wins over the config's `offline`, as W&B users expect
+            kwargs["offline"] = mode in ("offline", "dryrun")
         super().__init__(*args, **kwargs)
         self._replayed_up_to: int | None = None  # last trainer step an earlier job logged
         self._wandb_step = 0
