@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -26,6 +27,13 @@ from capline.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 DecoderFactory = Callable[[int, int], CaptionDecoder]
+
+
+def _as(cls, value):
+    """A schedule from its dataclass, its dict (as stored in checkpoints) or None (the defaults)."""
+    if value is None:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -67,14 +75,18 @@ class CaptionModule(L.LightningModule):
         max_nonfinite_steps: int = 20,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "decoder"])
+        # Plain values only, so checkpoints load with weights_only=True (the parts are rebuilt from the config).
+        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer"])
         self.vocab = Vocabulary.load(vocabulary) if isinstance(vocabulary, str) else Vocabulary(vocabulary)
         self.encoder = encoder
         self.decoder = decoder(len(self.vocab), encoder.num_features)
         self.optimizer_factory = optimizer
-        self.lr_schedule = lr_schedule or LRSchedule()
-        self.finetuning = encoder_finetuning or EncoderFinetuning()
-        self.sampling = scheduled_sampling or ScheduledSampling()
+        self.lr_schedule = _as(LRSchedule, lr_schedule)
+        self.finetuning = _as(EncoderFinetuning, encoder_finetuning)
+        self.sampling = _as(ScheduledSampling, scheduled_sampling)
+        for name in ("lr_schedule", "encoder_finetuning", "scheduled_sampling"):
+            if dataclasses.is_dataclass(self.hparams.get(name)):
+                self.hparams[name] = dataclasses.asdict(self.hparams[name])
         self.max_len, self.length_penalty = max_len, length_penalty
         self.beam_sizes = {"val": val_beam_size, "test": test_beam_size, "predict": test_beam_size}
         self.caption_metrics = nn.ModuleDict({s: CaptionMetrics(max_len=max_len) for s in ("val", "test")})
