@@ -41,7 +41,7 @@ def test_image_blind_decoder_triggers_the_warning(synthetic_data, caplog, tmp_pa
         vocab=synthetic_data["vocab"], global_batch_size=32, num_workers=0, max_len=16,
     )  # fmt: skip
     trainer = L.Trainer(
-        max_steps=15, val_check_interval=15, accelerator="cpu", logger=False, enable_checkpointing=False,
+        max_steps=8, val_check_interval=8, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
     )  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="capline.module"):
