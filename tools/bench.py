@@ -7,7 +7,7 @@
 
 A row is `{"name", "value", "goal", "ok"}` (and sometimes a `note`): `goal` is a number, or "report" for a figure
 without one; `value` and `ok` are null when the row was not measured (no GPU, or the benchmark failed).
-Exit status: 0 when every measured goal is met, 1 otherwise.
+Exit status: 0 when every benchmark ran and every measured goal is met, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -47,21 +47,24 @@ def machine() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"{cpu}, {os.cpu_count()} cores{load}{gpu}; torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores{load}{gpu}; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
 
 
-def run_benchmark(name: str, quick: bool) -> list[dict]:
-    """The rows of one benchmark; a benchmark that fails gives one not-measured row naming the error."""
+def run_benchmark(name: str, quick: bool) -> tuple[list[dict], bool]:
+    """The rows of one benchmark and whether it ran; one that fails gives one not-measured row naming the error."""
     try:
         rows = importlib.import_module(BENCHMARKS[name]).run(quick=quick)
     except Exception as err:  # noqa: BLE001 -- one broken benchmark must not hide the others' results
         traceback.print_exc()
-        return [{"name": name, "value": None, "goal": None, "ok": None, "note": f"failed: {type(err).__name__}: {err}"}]
+        note = f"failed: {type(err).__name__}: {err}"
+        return [{"name": name, "value": None, "goal": None, "ok": None, "note": note}], False
     for row in rows:
         if row["value"] is not None and not math.isfinite(row["value"]):
             row.update(value=None, ok=None, note=f"non-finite value {row['value']}")
-    return rows
+    return rows, True
 
 
 def format_table(rows: list[dict]) -> str:
@@ -84,24 +87,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller and fewer repeats: under 10 minutes on 2 cores")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list on the last line")
-    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
-                        help=f"run only these benchmarks: {' '.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(BENCHMARKS),
+        metavar="NAME",
+        help=f"run only these benchmarks: {' '.join(BENCHMARKS)}",
+    )
     args = parser.parse_args(argv)
-    # Lightning's start-up banners and tips would bury the table.
+    # Lightning's start-up banners and tips would bury the table (its import sets the level: import it first).
+    import lightning.pytorch  # noqa: F401
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
     print(machine(), flush=True)
-    rows, started = [], time.perf_counter()
+    rows, all_ran, started = [], True, time.perf_counter()
     for name in args.only or BENCHMARKS:
         start = time.perf_counter()
-        rows += run_benchmark(name, args.quick)
+        benchmark_rows, ran = run_benchmark(name, args.quick)
+        rows, all_ran = rows + benchmark_rows, all_ran and ran
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
     print(format_table(rows))
     print(f"total: {time.perf_counter() - started:.0f} s{' (--quick)' if args.quick else ''}")
     if args.json:
         keys = ("name", "value", "goal", "ok", "note")
         print(json.dumps([{k: row[k] for k in keys if k in row} for row in rows]))
-    return 0 if all(row["ok"] is not False for row in rows) else 1
+    return 0 if all_ran and all(row["ok"] is not False for row in rows) else 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image, ImageDraw, ImageFilter
 
 from capline.data.coco import encode_image
@@ -78,13 +79,16 @@ def prepare_shards(num_images: int, root: Path | None = None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     splits = {"raw": make_photo, "pre256": make_pre_resized_photo}
     info = {"vocab": str(root / "vocab.json")}
-    if not Path(info["vocab"]).is_file():
-        Vocabulary.build([" ".join(WORDS)], min_count=1).save(info["vocab"])
-    for split, make in splits.items():
-        if not index_path(root, split).is_file():  # ShardWriter writes the index last: present means complete
+    with FileLock(str(root / ".generate.lock")):  # another run on the machine may be writing them now
+        if not Path(info["vocab"]).is_file():
+            Vocabulary.build([" ".join(WORDS)], min_count=1).save(info["vocab"])
+        for split, make in splits.items():
+            if index_path(root, split).is_file():  # ShardWriter writes the index last: present means complete
+                continue
             with multiprocessing.get_context("fork").Pool() as pool, ShardWriter(root, split, SHARD_SIZE) as writer:
                 for i, data in enumerate(pool.imap(make, range(num_images), chunksize=16)):
                     writer.write((f"{i:08d}", data, "jpg", {"image_id": i, "captions": [_caption(i)]}))
+    for split in splits:
         index = json.loads(index_path(root, split).read_text())
         shards = len(index["shards"])
         info[split] = {
@@ -110,8 +114,8 @@ def loader_rate(pattern: str, vocab: str, data_config: dict, workers: int) -> fl
 _JPEGS: list[bytes] = []  # the bytes the decode pool reads, inherited by forked workers
 
 
-def _decode_limit_chunk(task: tuple[int, int, int, int]) -> int:
-    start, stop, size, resize_to = task
+def _decode_limit_chunk(task: tuple[int, int, int, int, int]) -> int:
+    start, stop, size, resize_to, resample = task
     for data in _JPEGS[start:stop]:
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", (resize_to, resize_to))
@@ -120,7 +124,7 @@ def _decode_limit_chunk(task: tuple[int, int, int, int]) -> int:
         new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
         left, top = (new_w - size) // 2, (new_h - size) // 2
         box = (left * w / new_w, top * h / new_h, (left + size) * w / new_w, (top + size) * h / new_h)
-        np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC, box=box), dtype=np.uint8)
+        np.asarray(img.convert("RGB").resize((size, size), resample, box=box), dtype=np.uint8)
     return stop - start
 
 
@@ -128,8 +132,9 @@ def decode_limit_rate(jpegs: list[bytes], data_config: dict, workers: int) -> fl
     """Images/s of bare PIL decode + resize + centre crop of `jpegs` in a pool of `workers` processes."""
     size = int(data_config["input_size"][-1])
     resize_to = int(np.floor(size / data_config["crop_pct"]))
+    resample = Image.Resampling[data_config["interpolation"].upper()]
     _JPEGS[:] = jpegs
-    tasks = [(i, min(i + BATCH_SIZE, len(jpegs)), size, resize_to) for i in range(0, len(jpegs), BATCH_SIZE)]
+    tasks = [(i, min(i + BATCH_SIZE, len(jpegs)), size, resize_to, resample) for i in range(0, len(jpegs), BATCH_SIZE)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pool.map(_decode_limit_chunk, tasks[:workers], chunksize=1)  # start-up and first-call costs, untimed
         start = time.perf_counter()

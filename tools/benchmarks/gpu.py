@@ -75,9 +75,19 @@ def coco_sized_vocab(folder: Path) -> str:
     return str(path)
 
 
-def measure(shards: str, vocab: str, *, frozen: bool, steps: int, accelerator: str = "gpu",
-            batch_size: int = BATCH_SIZE, workers: int | None = None, model_name: str = "resnet50",
-            img_size: int | None = None, precision: str = "bf16-mixed") -> tuple[float, float]:
+def measure(
+    shards: str,
+    vocab: str,
+    *,
+    frozen: bool,
+    steps: int,
+    accelerator: str = "gpu",
+    batch_size: int = BATCH_SIZE,
+    workers: int | None = None,
+    model_name: str = "resnet50",
+    img_size: int | None = None,
+    precision: str = "bf16-mixed",
+) -> tuple[float, float]:
     """Returns (images/s, fraction of wall time waiting for data) over steady-state training steps."""
     workers = workers if workers is not None else max(1, (os.cpu_count() or 2) - 2)
     module = CaptionModule(
@@ -88,8 +98,13 @@ def measure(shards: str, vocab: str, *, frozen: bool, steps: int, accelerator: s
         lr_schedule=LRSchedule(name="constant"),
         encoder_finetuning=EncoderFinetuning(freeze_steps=-1 if frozen else 0, lr=1e-5),
     )
-    data = _TimedData(train_shards=shards, vocab=vocab, global_batch_size=batch_size, num_workers=workers,
-                      samples_per_epoch=steps * batch_size)
+    data = _TimedData(
+        train_shards=shards,
+        vocab=vocab,
+        global_batch_size=batch_size,
+        num_workers=workers,
+        samples_per_epoch=steps * batch_size,
+    )
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, precision=precision, max_steps=steps, benchmark=True, logger=False,
@@ -127,8 +142,9 @@ def run(quick: bool = False) -> list[dict]:
     for setting, split in SETTINGS:
         img_s, wait = measure(info[split]["pattern"], vocab, frozen=setting == "encoder_frozen", steps=steps)
         for what, value in (("img_s", img_s), ("data_wait_fraction", wait)):
-            rows.append({"name": f"gpu_{what}_{setting}_{split}", "value": value, "goal": "report", "ok": True,
-                         "note": note})
+            rows.append(
+                {"name": f"gpu_{what}_{setting}_{split}", "value": value, "goal": "report", "ok": True, "note": note}
+            )
     return rows
 
 
