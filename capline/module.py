@@ -158,7 +158,8 @@ class CaptionModule(L.LightningModule):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
         if grads and self.trainer.precision != "16-mixed":
-            finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all().cpu()
+            # One fused norm pass: a norm is NaN/inf when any element is (or when a finite gradient overflows it).
+            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().cpu()
         if bool(finite):
             self._nonfinite_in_a_row = 0
             return
