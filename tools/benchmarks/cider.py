@@ -13,6 +13,7 @@ import numpy as np
 from pycocoevalcap.cider.cider import Cider
 
 from capline.metrics.cider import CiderD, cider_d
+from tools.benchmarks import row as _row
 
 VOCAB_SIZE = 10_000
 REFS_PER_IMAGE = 5
@@ -84,9 +85,6 @@ def run(quick: bool = False) -> list[dict]:
         _row(f"ciderd_precomputed_df_batch{BATCH_SIZE}_ms", batch_ms, goal=10.0, ok=batch_ms < 10.0),
     ]
 
-
-def _row(name: str, value: float, goal: float, ok: bool) -> dict:
-    return {"name": name, "value": float(value), "goal": goal, "ok": bool(ok)}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from capline.data.coco import encode_image
 from capline.data.datamodule import CaptionDataModule
 from capline.data.shards import ShardWriter, index_path, shard_pattern
 from capline.vocab import Vocabulary
+from tools.benchmarks import row as _row
 
 WIDTH, HEIGHT, QUALITY = 640, 480, 90  # COCO's typical photo
 PRE_RESIZE = 256  # the short side of `make_shards.py --max-size 256`
@@ -188,9 +189,6 @@ def run(quick: bool = False, num_images: int | None = None, worker_counts: tuple
         rows.append(_row(f"data_shard_kb_per_image_{split}", info[split]["kb_per_image"]))
     return rows
 
-
-def _row(name: str, value: float, goal: float | str = "report", ok: bool = True) -> dict:
-    return {"name": name, "value": float(value), "goal": goal, "ok": bool(ok)}
 
 
 if __name__ == "__main__":

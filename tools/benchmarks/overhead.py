@@ -31,6 +31,7 @@ from capline.models.loss import masked_cross_entropy
 from capline.module import CaptionModule
 from capline.schedules import EncoderFinetuning, LRSchedule
 from capline.vocab import Vocabulary
+from tools.benchmarks import row as _row
 
 # The demo model of configs/demo.yaml, pinned here so that the figures keep their meaning when the config changes.
 DEMO_ENCODER = {"model_name": "resnet18", "pretrained": False, "img_size": 64, "crop_pct": 1.0}
@@ -189,9 +190,6 @@ def run(quick: bool = False, timed_steps: int | None = None) -> list[dict]:
         _row("bare_loop_demo_train_img_s", BATCH_SIZE / statistics.median(times["bare"])),
     ]
 
-
-def _row(name: str, value: float, goal: float | str = "report", ok: bool = True) -> dict:
-    return {"name": name, "value": float(value), "goal": goal, "ok": bool(ok)}
 
 
 if __name__ == "__main__":

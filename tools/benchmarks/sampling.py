@@ -18,6 +18,7 @@ import time
 
 from capline.models import AttentionDecoder
 from capline.models.loss import masked_cross_entropy
+from tools.benchmarks import row as _row
 from tools.benchmarks.overhead import demo_module, demo_vocabulary, make_batches
 
 SS_PROB = 0.25  # self-critical.pytorch's cap
@@ -69,9 +70,6 @@ def run(quick: bool = False, steps: int | None = None) -> list[dict]:
         rows.append(_row(f"teacher_forcing_step_ms_{decoder}", tf_s * 1000))
     return rows
 
-
-def _row(name: str, value: float, goal: float | str = "report", ok: bool = True) -> dict:
-    return {"name": name, "value": float(value), "goal": goal, "ok": bool(ok)}
 
 
 if __name__ == "__main__":
