@@ -91,13 +91,16 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
     # W&B: one run id before and after the kill, and its steps never go back.
+    # wandb-core buffers its run file and is torn down with the killed process, so the killed run's file may hold
+    # anything from nothing to every record up to the kill; the run id is also in its directory's name.
     files = run_files(tmp_path / "resumed")
     runs = [read_run(f) for f in files]
-    assert len({r["run_id"] for r in runs}) == 1 and len(runs) == 2
+    assert len(files) == 2 and len({f.parent.name.rsplit("-", 1)[1] for f in files}) == 1
+    assert {r["run_id"] for r in runs} - {None} == {files[0].parent.name.rsplit("-", 1)[1]}
     wandb_steps = [s for r in runs for s in series(r, "_step")]
     assert wandb_steps == sorted(set(wandb_steps))  # W&B's step axis only moves forward, across the kill too
     killed, resumed_steps = (series(r, "trainer/global_step") for r in runs)
-    assert killed and min(resumed_steps) > max(killed)  # steps trained again after the kill are not logged twice
+    assert min(resumed_steps) > max(killed, default=killed_at)  # steps trained again are not logged twice
     assert max(resumed_steps) >= STEPS - 1
 
 
