@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from capline.data.decode import SkipCounter, SkipSample, decode_sample
 from capline.data.pipeline import pad_sequences, stable_seed
@@ -39,6 +40,11 @@ class ImageTransform:
         self.interpolation = _INTERPOLATION[data_config.get("interpolation", "bicubic")]
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        """The model input for one image: uint8 (3, H, W)."""
+        return torch.from_numpy(self.to_array(img)).permute(2, 0, 1)
+
+    def to_array(self, img: Image.Image) -> np.ndarray:
+        """The resized and cropped image as a uint8 (H, W, 3) array."""
         w, h = img.size
         scale = self.resize_to / min(w, h)
         new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
@@ -51,7 +57,7 @@ class ImageTransform:
             sx, sy = w / new_w, h / new_h
             box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
             img = img.resize((self.size, self.size), self.interpolation, box=box, reducing_gap=3.0)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+        return np.array(img, dtype=np.uint8)
 
 
 def reference_ids(caption: str, vocab: Vocabulary, max_len: int) -> list[int]:
@@ -85,11 +91,13 @@ class CaptionBatcher:
         self.train, self.seed = train, seed
 
     def __call__(self, raw_samples: list[dict], counter: SkipCounter, epoch: int) -> dict:
-        images, tokens, refs, captions, ids, keys = [], [], [], [], [], []
+        size = self.transform.size
+        images = new_image_buffer(len(raw_samples), size)
+        tokens, refs, captions, ids, keys = [], [], [], [], []
         for raw in raw_samples:
             try:
                 sample = decode_sample(raw, draft_size=self.transform.resize_to)
-                images.append(self.transform(sample.image))
+                images[len(ids)].numpy()[...] = self.transform.to_array(sample.image)
             except SkipSample as skip:
                 counter.add(skip.reason)
                 log.debug("skipped sample %s: %s", raw.get("__key__"), skip)
@@ -104,7 +112,7 @@ class CaptionBatcher:
             ids.append(sample.image_id)
             keys.append(sample.key)
         batch = {
-            "images": torch.stack(images) if images else torch.zeros(0, 3, self.transform.size, self.transform.size),
+            "images": images[: len(ids)].permute(0, 3, 1, 2),  # (B, 3, H, W) viewed on channels-last memory
             "tokens": pad_sequences(tokens),
             "image_ids": torch.tensor(ids, dtype=torch.long),
             "keys": keys,
@@ -114,6 +122,18 @@ class CaptionBatcher:
             batch["refs"] = _pad_refs(refs, self.max_refs, self.max_len)
             batch["captions"] = captions
         return batch
+
+
+def new_image_buffer(num_images: int, size: int) -> torch.Tensor:
+    """An uninitialised uint8 (N, H, W, 3) batch; in a dataloader worker it is allocated in shared memory, as
+    `default_collate` does, so handing the batch to the main process copies nothing. Each image is written once,
+    pixel-interleaved as PIL decodes it: the (B, 3, H, W) view over it is channels-last, which timm's convolutions
+    take as it is (no transpose in the worker, none on the device)."""
+    shape = (num_images, size, size, 3)
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(num_images * size * size * 3)
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def _pad_refs(refs: list[list[list[int]]], max_refs: int, max_len: int) -> torch.Tensor:
