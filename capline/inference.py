@@ -1,9 +1,9 @@
 """Captioning image files with a trained checkpoint: loading it, preprocessing as in training, batching, drawing.
 
-    module = load_caption_module("runs/demo/checkpoints/last.ckpt")
-    captioner = Captioner(module, device="cpu")
-    for result in captioner.caption_files(find_images(["photos/"]), batch_size=32):
-        print(result.path, result.caption if result.error is None else result.error)
+module = load_caption_module("runs/demo/checkpoints/last.ckpt")
+captioner = Captioner(module, device="cpu")
+for result in captioner.caption_files(find_images(["photos/"]), batch_size=32):
+    print(result.path, result.caption if result.error is None else result.error)
 """
 
 from __future__ import annotations

@@ -38,9 +38,7 @@ def check_precision(precision, accelerator) -> None:
     precision = str(precision)
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator in ("auto", None) and torch.cuda.is_available())
     if precision.startswith("16") and not on_gpu:
-        raise PrecisionError(
-            f"trainer.precision {precision!r} needs a GPU; on CPU use bf16-mixed or 32-true"
-        )
+        raise PrecisionError(f"trainer.precision {precision!r} needs a GPU; on CPU use bf16-mixed or 32-true")
     if precision.startswith("bf16") and on_gpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise PrecisionError(f"this GPU cannot run trainer.precision {precision!r}; use 16-mixed or 32-true")
 

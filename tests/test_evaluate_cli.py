@@ -29,9 +29,20 @@ def load_script():
 @pytest.mark.skipif(shutil.which("java") is None, reason="the official metrics run Java")
 def test_json_output_on_the_demo_fixture():
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--annotations", str(REFERENCES), "--results", str(RESULTS), "--json",
-         "--no-spice"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--annotations",
+            str(REFERENCES),
+            "--results",
+            str(RESULTS),
+            "--json",
+            "--no-spice",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
     scores = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -66,7 +77,10 @@ def test_the_script_runs_from_the_repo_root_and_fails_without_a_traceback(tmp_pa
     bad.write_text("{not json")
     completed = subprocess.run(
         [sys.executable, "tools/evaluate.py", "--annotations", str(bad), "--results", str(RESULTS)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 2
     assert completed.stderr.startswith(f"evaluate.py: error: {bad} is not valid JSON")

@@ -36,11 +36,13 @@ def _jpeg(size, colour) -> bytes:
 
 def _annotations(folder: str, ids: list[int], uncaptioned: tuple[int, ...] = ()) -> dict:
     return {
-        "images": [{"id": i, "file_name": _file_name(folder, i), "width": 1, "height": 1}
-                   for i in [*ids, *uncaptioned]],
+        "images": [
+            {"id": i, "file_name": _file_name(folder, i), "width": 1, "height": 1} for i in [*ids, *uncaptioned]
+        ],
         "annotations": [
             {"id": 100 * i + k, "image_id": i, "caption": f"  A photo number {i} of a Thing{k}.\n"}
-            for i in ids for k in range(2)
+            for i in ids
+            for k in range(2)
         ],
     }
 
@@ -65,8 +67,9 @@ def coco(tmp_path) -> Path:
 
 
 def make_shards(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/make_shards.py", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "tools/make_shards.py", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def read_shards(out: Path, split: str) -> dict[str, dict]:
@@ -87,9 +90,25 @@ def read_shards(out: Path, split: str) -> dict[str, dict]:
 
 def test_coco_train_split_resized_with_workers(coco, tmp_path):
     out = tmp_path / "out"
-    result = make_shards("coco", "--images", coco, "--annotations", coco / "annotations/captions_train2014.json",
-                         "--out", out, "--split", "train", "--max-size", 48, "--shard-size", 2, "--workers", 2,
-                         "--min-count", 3)
+    result = make_shards(
+        "coco",
+        "--images",
+        coco,
+        "--annotations",
+        coco / "annotations/captions_train2014.json",
+        "--out",
+        out,
+        "--split",
+        "train",
+        "--max-size",
+        48,
+        "--shard-size",
+        2,
+        "--workers",
+        2,
+        "--min-count",
+        3,
+    )
 
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]
@@ -97,8 +116,11 @@ def test_coco_train_split_resized_with_workers(coco, tmp_path):
     assert summary.endswith("skipped 4 (corrupt: 2, missing: 1, no captions: 1)")
     assert _file_name("train2014", _GARBAGE) in result.stderr and _file_name("train2014", _MISSING) in result.stderr
     index = json.loads((out / "train-index.json").read_text())
-    assert index == {"split": "train", "num_samples": 3, "shards": [
-        {"name": "train-000000.tar", "num_samples": 2}, {"name": "train-000001.tar", "num_samples": 1}]}
+    assert index == {
+        "split": "train",
+        "num_samples": 3,
+        "shards": [{"name": "train-000000.tar", "num_samples": 2}, {"name": "train-000001.tar", "num_samples": 1}],
+    }
     samples = read_shards(out, "train")
     assert sorted(samples) == ["000000000001", "000000000002", "000000000003"]
     for key, sample in samples.items():
@@ -107,8 +129,10 @@ def test_coco_train_split_resized_with_workers(coco, tmp_path):
         assert sample["ext"] == "jpg" and image.format == "JPEG"
         assert min(image.size) == min(48, min(_IMAGES[image_id][1]))
         assert max(abs(a - b) for a, b in zip(image.getpixel((5, 5)), _IMAGES[image_id][2])) <= 12
-        assert sample["meta"] == {"image_id": image_id, "captions": [
-            f"A photo number {image_id} of a Thing0.", f"A photo number {image_id} of a Thing1."]}
+        assert sample["meta"] == {
+            "image_id": image_id,
+            "captions": [f"A photo number {image_id} of a Thing0.", f"A photo number {image_id} of a Thing1."],
+        }
     assert Image.open(io.BytesIO(samples["000000000001"]["image"])).size == (72, 48)
     assert Image.open(io.BytesIO(samples["000000000002"]["image"])).size == (48, 72)
     # Words of the 6 captions of the 3 written images: "thing0", "thing1" (3 each) pass --min-count 3, ids (2) do not.
@@ -116,16 +140,40 @@ def test_coco_train_split_resized_with_workers(coco, tmp_path):
     assert sorted(words[4:]) == ["a", "number", "of", "photo", "thing0", "thing1"]
 
     single = tmp_path / "single"
-    make_shards("coco", "--images", coco, "--annotations", coco / "annotations/captions_train2014.json",
-                "--out", single, "--split", "train", "--max-size", 48, "--shard-size", 2, "--workers", 1)
+    make_shards(
+        "coco",
+        "--images",
+        coco,
+        "--annotations",
+        coco / "annotations/captions_train2014.json",
+        "--out",
+        single,
+        "--split",
+        "train",
+        "--max-size",
+        48,
+        "--shard-size",
+        2,
+        "--workers",
+        1,
+    )
     for name in ("train-000000.tar", "train-000001.tar"):
         assert (single / name).read_bytes() == (out / name).read_bytes()  # same output for any number of workers
 
 
 def test_coco_without_max_size_copies_the_original_bytes(coco, tmp_path):
     out = tmp_path / "out"
-    result = make_shards("coco", "--images", coco, "--annotations", coco / "annotations/captions_val2014.json",
-                         "--out", out, "--split", "val")
+    result = make_shards(
+        "coco",
+        "--images",
+        coco,
+        "--annotations",
+        coco / "annotations/captions_val2014.json",
+        "--out",
+        out,
+        "--split",
+        "val",
+    )
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == f"wrote 2 samples in 1 shards to {out}; skipped 0 (none)"
@@ -137,22 +185,57 @@ def test_coco_without_max_size_copies_the_original_bytes(coco, tmp_path):
 
 
 def test_karpathy_split_selects_its_images_across_folders(coco, tmp_path):
-    karpathy = {"images": [
-        {"cocoid": 1, "filepath": "train2014", "filename": _file_name("train2014", 1), "split": "train",
-         "sentences": [{"raw": "karpathy one"}]},
-        {"cocoid": 10, "filepath": "val2014", "filename": _file_name("val2014", 10), "split": "restval",
-         "sentences": [{"raw": "karpathy ten"}]},
-        {"cocoid": 11, "filepath": "val2014", "filename": _file_name("val2014", 11), "split": "test",
-         "sentences": [{"raw": "karpathy eleven"}]},
-        {"cocoid": 2, "filepath": "train2014", "filename": _file_name("train2014", 2), "split": "val",
-         "sentences": [{"raw": "karpathy two"}]},
-    ]}
+    karpathy = {
+        "images": [
+            {
+                "cocoid": 1,
+                "filepath": "train2014",
+                "filename": _file_name("train2014", 1),
+                "split": "train",
+                "sentences": [{"raw": "karpathy one"}],
+            },
+            {
+                "cocoid": 10,
+                "filepath": "val2014",
+                "filename": _file_name("val2014", 10),
+                "split": "restval",
+                "sentences": [{"raw": "karpathy ten"}],
+            },
+            {
+                "cocoid": 11,
+                "filepath": "val2014",
+                "filename": _file_name("val2014", 11),
+                "split": "test",
+                "sentences": [{"raw": "karpathy eleven"}],
+            },
+            {
+                "cocoid": 2,
+                "filepath": "train2014",
+                "filename": _file_name("train2014", 2),
+                "split": "val",
+                "sentences": [{"raw": "karpathy two"}],
+            },
+        ]
+    }
     (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
     annotations = [coco / "annotations/captions_train2014.json", coco / "annotations/captions_val2014.json"]
 
     def run(split, out, *extra):
-        return make_shards("coco", "--images", coco, "--annotations", *annotations, "--out", out, "--split", split,
-                           "--karpathy", tmp_path / "dataset_coco.json", "--karpathy-split", *extra)
+        return make_shards(
+            "coco",
+            "--images",
+            coco,
+            "--annotations",
+            *annotations,
+            "--out",
+            out,
+            "--split",
+            split,
+            "--karpathy",
+            tmp_path / "dataset_coco.json",
+            "--karpathy-split",
+            *extra,
+        )
 
     train = run("train", tmp_path / "train", "train+restval", "--min-count", 1)
     assert train.returncode == 0, train.stderr
@@ -163,12 +246,27 @@ def test_karpathy_split_selects_its_images_across_folders(coco, tmp_path):
     assert (tmp_path / "train/vocab.json").exists()
 
     # Without --annotations, the Karpathy file alone gives files and captions.
-    test = make_shards("coco", "--images", coco, "--out", tmp_path / "test", "--split", "test",
-                       "--karpathy", tmp_path / "dataset_coco.json", "--karpathy-split", "test")
+    test = make_shards(
+        "coco",
+        "--images",
+        coco,
+        "--out",
+        tmp_path / "test",
+        "--split",
+        "test",
+        "--karpathy",
+        tmp_path / "dataset_coco.json",
+        "--karpathy-split",
+        "test",
+    )
     assert test.returncode == 0, test.stderr
     assert read_shards(tmp_path / "test", "test") == {
-        "000000000011": {"image": (coco / "val2014" / _file_name("val2014", 11)).read_bytes(), "ext": "jpg",
-                         "meta": {"image_id": 11, "captions": ["karpathy eleven"]}}}
+        "000000000011": {
+            "image": (coco / "val2014" / _file_name("val2014", 11)).read_bytes(),
+            "ext": "jpg",
+            "meta": {"image_id": 11, "captions": ["karpathy eleven"]},
+        }
+    }
 
 
 @pytest.mark.parametrize("problem", ["no_images_dir", "no_annotations_file", "not_coco", "bad_karpathy_split"])
@@ -185,8 +283,9 @@ def test_bad_arguments_exit_2_with_one_sentence(coco, tmp_path, problem):
         annotations.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
     else:
         extra = ["--karpathy", annotations, "--karpathy-split", "training"]
-    result = make_shards("coco", "--images", images, "--annotations", annotations, "--out", tmp_path / "out",
-                         "--split", "train", *extra)
+    result = make_shards(
+        "coco", "--images", images, "--annotations", annotations, "--out", tmp_path / "out", "--split", "train", *extra
+    )
 
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("make_shards.py: error: ")

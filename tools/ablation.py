@@ -42,7 +42,9 @@ def run_row(name: str, overrides: list[str], steps: int, out: Path) -> dict:
         raise RuntimeError(f"{name} failed:\n{result.stderr[-2000:]}")
     run_file = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))[-1]
     history = read_wandb_run(run_file)["history"]
-    values = {k: [row[k] for row in history if k in row] for k in ("val/cider", "val/cider_shuffled", "val/unique_captions")}
+    values = {
+        k: [row[k] for row in history if k in row] for k in ("val/cider", "val/cider_shuffled", "val/unique_captions")
+    }
     return {"name": name, "minutes": minutes, **{k: v[-1] for k, v in values.items() if v}}
 
 

@@ -92,16 +92,26 @@ def run_coco(args: argparse.Namespace) -> int:
     except (CocoFormatError, ValueError) as err:
         raise UsageError(str(err)) from None
     images = select_images(annotations, karpathy)
-    report = write_coco_shards(images, args.images, args.out, args.split, args.max_size, args.shard_size,
-                               args.workers, progress=not args.no_progress)
+    report = write_coco_shards(
+        images,
+        args.images,
+        args.out,
+        args.split,
+        args.max_size,
+        args.shard_size,
+        args.workers,
+        progress=not args.no_progress,
+    )
     vocab_note = ""
     if report.written and (args.split.startswith("train") or args.vocab):
         vocab = Vocabulary.build((c for img in report.written for c in img.captions), min_count=args.min_count)
         vocab.save(args.out / "vocab.json")
         vocab_note = f", vocabulary of {len(vocab)} words in {args.out / 'vocab.json'}"
     skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.skipped.items())) or "none"
-    print(f"wrote {len(report.written)} samples in {report.num_shards} shards to {args.out}{vocab_note}; "
-          f"skipped {sum(report.skipped.values())} ({skipped})")
+    print(
+        f"wrote {len(report.written)} samples in {report.num_shards} shards to {args.out}{vocab_note}; "
+        f"skipped {sum(report.skipped.values())} ({skipped})"
+    )
     return 0 if report.written else 1
 
 
@@ -111,15 +121,16 @@ def run_synthetic(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.image_size < 32 or args.seed < 0:
         raise UsageError(f"--image-size must be >= 32 and --seed >= 0, got {args.image_size} and {args.seed}")
-    info = ensure_synthetic_dataset(args.out, args.num_train, args.num_val, args.image_size, args.seed,
-                                    args.shard_size)
+    info = ensure_synthetic_dataset(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.shard_size)
     print(f"data.train_shards: {info['train_shards']}")
     print(f"data.val_shards: {info['val_shards']}")
     print(f"data.vocab: {info['vocab']}")
     action = "reused" if info["reused"] else "wrote"
-    print(f"{action} {info['num_train'] + info['num_val']} samples (train {info['num_train']}, "
-          f"val {info['num_val']}) in {info['num_train_shards'] + info['num_val_shards']} shards "
-          f"(train {info['num_train_shards']}, val {info['num_val_shards']}) to {args.out}; skipped 0")
+    print(
+        f"{action} {info['num_train'] + info['num_val']} samples (train {info['num_train']}, "
+        f"val {info['num_val']}) in {info['num_train_shards'] + info['num_val_shards']} shards "
+        f"(train {info['num_train_shards']}, val {info['num_val_shards']}) to {args.out}; skipped 0"
+    )
     return 0
 
 

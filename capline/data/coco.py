@@ -84,11 +84,14 @@ def load_coco_annotations(paths: Sequence[str | os.PathLike]) -> dict[int, CocoI
             match = _SPLIT_FOLDER.search(Path(path).stem)
             for img in data["images"]:
                 image_id = int(img["id"])
-                images[image_id] = CocoImage(image_id, str(img["file_name"]), tuple(captions[image_id]),
-                                             match[0] if match else None)
+                images[image_id] = CocoImage(
+                    image_id, str(img["file_name"]), tuple(captions[image_id]), match[0] if match else None
+                )
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise CocoFormatError(f"{str(path)!r} is not a COCO captions file (it needs 'images' with 'id' and "
-                                  f"'file_name', and 'annotations' with 'image_id' and 'caption')") from None
+            raise CocoFormatError(
+                f"{str(path)!r} is not a COCO captions file (it needs 'images' with 'id' and "
+                f"'file_name', and 'annotations' with 'image_id' and 'caption')"
+            ) from None
     return images
 
 
@@ -108,13 +111,20 @@ def load_karpathy_split(path: str | os.PathLike, split: str) -> list[CocoImage]:
     data = _read_json(path)
     try:
         return [
-            CocoImage(int(img["cocoid"]), f"{img['filepath']}/{img['filename']}",
-                      tuple(_clean(s["raw"]) for s in img["sentences"]), str(img["filepath"]))
-            for img in data["images"] if img["split"] in wanted
+            CocoImage(
+                int(img["cocoid"]),
+                f"{img['filepath']}/{img['filename']}",
+                tuple(_clean(s["raw"]) for s in img["sentences"]),
+                str(img["filepath"]),
+            )
+            for img in data["images"]
+            if img["split"] in wanted
         ]
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise CocoFormatError(f"{str(path)!r} is not a Karpathy split file (it needs 'images' with 'cocoid', "
-                              f"'filepath', 'filename', 'split' and 'sentences')") from None
+        raise CocoFormatError(
+            f"{str(path)!r} is not a Karpathy split file (it needs 'images' with 'cocoid', "
+            f"'filepath', 'filename', 'split' and 'sentences')"
+        ) from None
 
 
 def select_images(annotations: dict[int, CocoImage], karpathy: list[CocoImage] | None) -> list[CocoImage]:
@@ -128,9 +138,16 @@ def select_images(annotations: dict[int, CocoImage], karpathy: list[CocoImage] |
     return sorted(annotations.get(img.image_id, img) for img in karpathy)
 
 
-def write_coco_shards(images: Sequence[CocoImage], root: str | os.PathLike, out_dir: str | os.PathLike,
-                      split: str, max_size: int | None = None, shard_size: int = 1000, workers: int = 1,
-                      progress: bool = True) -> CocoShardReport:
+def write_coco_shards(
+    images: Sequence[CocoImage],
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str,
+    max_size: int | None = None,
+    shard_size: int = 1000,
+    workers: int = 1,
+    progress: bool = True,
+) -> CocoShardReport:
     """Writes `images` as shards `out_dir/<split>-NNNNNN.tar`, skipping missing and unreadable files.
 
     Args:
@@ -156,11 +173,12 @@ def write_coco_shards(images: Sequence[CocoImage], root: str | os.PathLike, out_
             report.skip("no captions", img)
     files = _index_image_files(Path(root))
     paths = [_resolve(Path(root), img, files) for img in captioned]
-    tasks = [(paths[i:i + _BATCH], max_size) for i in range(0, len(paths), _BATCH)]
+    tasks = [(paths[i : i + _BATCH], max_size) for i in range(0, len(paths), _BATCH)]
     results = (r for batch in _ordered_map(_encode_batch, tasks, workers) for r in batch)
     with ShardWriter(out_dir, split, shard_size) as writer:
-        for img, (status, data, ext) in tqdm(zip(captioned, results), total=len(captioned), disable=not progress,
-                                             desc=f"shards {split}", unit="img"):
+        for img, (status, data, ext) in tqdm(
+            zip(captioned, results), total=len(captioned), disable=not progress, desc=f"shards {split}", unit="img"
+        ):
             if status != "ok":
                 report.skip(status, img)
                 continue

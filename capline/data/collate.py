@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -41,10 +42,12 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """The model input for one image: uint8 (3, H, W)."""
-        return torch.from_numpy(self.to_array(img)).permute(2, 0, 1)
+        out = np.empty((self.size, self.size, 3), np.uint8)
+        self.write(img, out)
+        return torch.from_numpy(out).permute(2, 0, 1)
 
-    def to_array(self, img: Image.Image) -> np.ndarray:
-        """The resized and cropped image as a uint8 (H, W, 3) array."""
+    def write(self, img: Image.Image, out: np.ndarray) -> None:
+        """Writes the resized and cropped image into `out`, a uint8 (H, W, 3) array."""
         w, h = img.size
         scale = self.resize_to / min(w, h)
         new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
@@ -57,7 +60,7 @@ class ImageTransform:
             sx, sy = w / new_w, h / new_h
             box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
             img = img.resize((self.size, self.size), self.interpolation, box=box, reducing_gap=3.0)
-        return np.array(img, dtype=np.uint8)
+        out[...] = np.asarray(img)
 
 
 def reference_ids(caption: str, vocab: Vocabulary, max_len: int) -> list[int]:
@@ -89,15 +92,16 @@ class CaptionBatcher:
         self.vocab, self.transform = vocab, transform
         self.max_len, self.max_refs = max_len, max_refs
         self.train, self.seed = train, seed
+        self.buffers = ImageBuffers()
 
     def __call__(self, raw_samples: list[dict], counter: SkipCounter, epoch: int) -> dict:
         size = self.transform.size
-        images = new_image_buffer(len(raw_samples), size)
+        images = self.buffers.get(len(raw_samples), size)
         tokens, refs, captions, ids, keys = [], [], [], [], []
         for raw in raw_samples:
             try:
                 sample = decode_sample(raw, draft_size=self.transform.resize_to)
-                images[len(ids)].numpy()[...] = self.transform.to_array(sample.image)
+                self.transform.write(sample.image, images[len(ids)].numpy())
             except SkipSample as skip:
                 counter.add(skip.reason)
                 log.debug("skipped sample %s: %s", raw.get("__key__"), skip)
@@ -124,16 +128,41 @@ class CaptionBatcher:
         return batch
 
 
-def new_image_buffer(num_images: int, size: int) -> torch.Tensor:
-    """An uninitialised uint8 (N, H, W, 3) batch; in a dataloader worker it is allocated in shared memory, as
-    `default_collate` does, so handing the batch to the main process copies nothing. Each image is written once,
-    pixel-interleaved as PIL decodes it: the (B, 3, H, W) view over it is channels-last, which timm's convolutions
-    take as it is (no transpose in the worker, none on the device)."""
-    shape = (num_images, size, size, 3)
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
+class ImageBuffers:
+    """Hands out uninitialised uint8 (N, H, W, 3) batch buffers.
+
+    Each image is written into its buffer once, pixel-interleaved as PIL decodes it: the (B, 3, H, W) view over
+    it is channels-last, which timm's convolutions take as it is (no transpose in the worker, none on the device).
+
+    In a dataloader worker the buffers are in shared memory, as `default_collate` allocates them, so sending the
+    batch to the main process copies nothing. Fresh shared memory is slow to write the first time (a page fault
+    per 4 KiB); a background thread allocates and faults in the next buffer while the current batch decodes, the
+    way a double buffer works, so the decoding thread only ever writes to resident pages.
+    """
+
+    def __init__(self):
+        self._pool: ThreadPoolExecutor | None = None
+        self._next: dict[tuple[int, int], Future] = {}
+
+    def __getstate__(self) -> dict:  # a worker starts with its own thread and no buffer in flight
+        return {"_pool": None, "_next": {}}
+
+    def get(self, num_images: int, size: int) -> torch.Tensor:
+        if get_worker_info() is None:
+            return torch.empty((num_images, size, size, 3), dtype=torch.uint8)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="capline-buffers")
+        key = (num_images, size)
+        ready = self._next.pop(key, None)
+        buffer = ready.result() if ready is not None else _resident_shared_buffer(num_images, size)
+        self._next = {key: self._pool.submit(_resident_shared_buffer, num_images, size)}
+        return buffer
+
+
+def _resident_shared_buffer(num_images: int, size: int) -> torch.Tensor:
     storage = torch.UntypedStorage._new_shared(num_images * size * size * 3)
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    buffer = torch.empty(0, dtype=torch.uint8).set_(storage).view(num_images, size, size, 3)
+    return buffer.zero_()  # touches every page (torch releases the GIL while it does)
 
 
 def _pad_refs(refs: list[list[list[int]]], max_refs: int, max_len: int) -> torch.Tensor:

@@ -188,8 +188,13 @@ class ShardWriter:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.index, indent=1))
         os.replace(tmp, path)
-        log.info("wrote %d samples of split %r in %d shards to %s", self.num_samples, self.split,
-                 len(self._shards), self.out_dir)
+        log.info(
+            "wrote %d samples of split %r in %d shards to %s",
+            self.num_samples,
+            self.split,
+            len(self._shards),
+            self.out_dir,
+        )
         return self.index
 
     def abort(self) -> None:

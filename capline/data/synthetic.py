@@ -109,8 +109,14 @@ def _draw_layout(rng: np.random.Generator, image_size: int) -> tuple[list[dict],
     objects = []
     for shape in shapes:
         size = "small" if rng.random() < 0.5 else "large"
-        objects.append({"shape": SHAPES[shape], "colour": colours[rng.integers(len(colours))], "size": size,
-                        "side": float(rng.uniform(*SIZES[size]))})
+        objects.append(
+            {
+                "shape": SHAPES[shape],
+                "colour": colours[rng.integers(len(colours))],
+                "size": size,
+                "side": float(rng.uniform(*SIZES[size])),
+            }
+        )
     relation = RELATIONS[rng.integers(len(RELATIONS))]
     # The first object goes in the half named by the relation; "along" is the axis the relation is about.
     first_low = relation in ("left", "above")
@@ -144,8 +150,12 @@ def _draw_background(rng: np.random.Generator, image_size: int) -> tuple[dict, n
     kind = ("solid", "horizontal", "vertical", "diagonal")[rng.integers(4)]
     noisy = bool(rng.random() < 1 / 3)
     ramp = np.linspace(0.0, 1.0, image_size, dtype=np.float32)
-    t = {"solid": np.zeros((1, 1)), "horizontal": ramp[None, :], "vertical": ramp[:, None],
-         "diagonal": (ramp[None, :] + ramp[:, None]) / 2}[kind]
+    t = {
+        "solid": np.zeros((1, 1)),
+        "horizontal": ramp[None, :],
+        "vertical": ramp[:, None],
+        "diagonal": (ramp[None, :] + ramp[:, None]) / 2,
+    }[kind]
     pixels = tones[first] * (1 - t[..., None]) + tones[second] * t[..., None]  # (H, W, 3) or broadcastable
     pixels = np.broadcast_to(pixels, (image_size, image_size, 3))
     if noisy:
@@ -167,8 +177,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, bbox: list[int], colour: 
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=colour)
 
 
-def ensure_synthetic_dataset(out_dir: str | os.PathLike, num_train: int, num_val: int, image_size: int = 64,
-                             seed: int = 0, shard_size: int = 500) -> dict:
+def ensure_synthetic_dataset(
+    out_dir: str | os.PathLike, num_train: int, num_val: int, image_size: int = 64, seed: int = 0, shard_size: int = 500
+) -> dict:
     """Writes the synthetic train/val shards and vocabulary, unless a complete identical dataset is there.
 
     The manifest `synthetic.json` is written last and removed first, so an interrupted run is redone by the
@@ -188,14 +199,23 @@ def ensure_synthetic_dataset(out_dir: str | os.PathLike, num_train: int, num_val
     """
     # Checked before anything is deleted, so a bad call cannot break a good dataset.
     if not 1 <= num_train <= VAL_INDEX_OFFSET or num_val < 1:
-        raise ValueError(f"num_train must be in [1, {VAL_INDEX_OFFSET}] and num_val >= 1, "
-                         f"got num_train={num_train}, num_val={num_val}")
+        raise ValueError(
+            f"num_train must be in [1, {VAL_INDEX_OFFSET}] and num_val >= 1, "
+            f"got num_train={num_train}, num_val={num_val}"
+        )
     if image_size < 32 or seed < 0 or shard_size < 1:
-        raise ValueError(f"image_size must be >= 32, seed >= 0 and shard_size >= 1, "
-                         f"got {image_size}, {seed} and {shard_size}")
+        raise ValueError(
+            f"image_size must be >= 32, seed >= 0 and shard_size >= 1, got {image_size}, {seed} and {shard_size}"
+        )
     out_dir = Path(out_dir)
-    params = {"generator_version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val,
-              "image_size": image_size, "seed": seed, "shard_size": shard_size}
+    params = {
+        "generator_version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "image_size": image_size,
+        "seed": seed,
+        "shard_size": shard_size,
+    }
     manifest = _read_manifest(out_dir)
     if manifest is not None and manifest["params"] == params and _files_intact(out_dir, manifest):
         log.info("reusing the synthetic dataset in %s", out_dir)

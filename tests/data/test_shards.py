@@ -16,8 +16,9 @@ def _jpeg(value: int) -> bytes:
 
 
 def _samples(n: int, start: int = 0) -> list[tuple]:
-    return [(f"{i:06d}", _jpeg(i), "jpg", {"image_id": i, "captions": [f"caption {i}"]})
-            for i in range(start, start + n)]
+    return [
+        (f"{i:06d}", _jpeg(i), "jpg", {"image_id": i, "captions": [f"caption {i}"]}) for i in range(start, start + n)
+    ]
 
 
 @pytest.fixture
@@ -31,15 +32,23 @@ def test_writer_rolls_shards_and_writes_the_index(out):
         for sample in _samples(7):
             writer.write(sample)
 
-    expected = {"split": "train", "num_samples": 7, "shards": [
-        {"name": "train-000000.tar", "num_samples": 3},
-        {"name": "train-000001.tar", "num_samples": 3},
-        {"name": "train-000002.tar", "num_samples": 1},
-    ]}
+    expected = {
+        "split": "train",
+        "num_samples": 7,
+        "shards": [
+            {"name": "train-000000.tar", "num_samples": 3},
+            {"name": "train-000001.tar", "num_samples": 3},
+            {"name": "train-000002.tar", "num_samples": 1},
+        ],
+    }
     assert writer.index == expected
     assert read_index(out / "train-index.json") == expected
     assert sorted(p.name for p in out.iterdir()) == [
-        "train-000000.tar", "train-000001.tar", "train-000002.tar", "train-index.json"]
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "train-index.json",
+    ]
     with tarfile.open(out / "train-000001.tar") as tar:
         assert tar.getnames() == ["000003.jpg", "000003.json", "000004.jpg", "000004.json", "000005.jpg", "000005.json"]
 
@@ -104,7 +113,12 @@ def test_rewrite_removes_stale_shards_and_temp_files_of_its_split_only(out):
             writer.write(sample)
 
     assert sorted(p.name for p in out.iterdir()) == [
-        "train-000000.tar", "train-000001.tar", "train-index.json", "val-000000.tar", "val-index.json"]
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-index.json",
+        "val-000000.tar",
+        "val-index.json",
+    ]
     assert read_index(out / "train-index.json")["num_samples"] == 3
 
 

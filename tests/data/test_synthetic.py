@@ -60,8 +60,10 @@ def test_captions_follow_the_attributes():
 
 
 def test_side_and_relation_words_of_every_caption():
-    first, second = {"shape": "circle", "colour": "red", "size": "small"}, {"shape": "square", "colour": "blue",
-                                                                              "size": "large"}
+    first, second = (
+        {"shape": "circle", "colour": "red", "size": "small"},
+        {"shape": "square", "colour": "blue", "size": "large"},
+    )
     assert scene_captions(first, second, "left") == [
         "a small red circle to the left of a large blue square",
         "a large blue square is to the right of a small red circle",
@@ -152,8 +154,13 @@ def test_dataset_is_written_as_readable_shards(tmp_path):
     info = ensure_synthetic_dataset(out, num_train=50, num_val=25, shard_size=20)
 
     assert info == {
-        "train_shards": f"{out}/train-{{000000..000002}}.tar", "val_shards": f"{out}/val-{{000000..000001}}.tar",
-        "vocab": f"{out}/vocab.json", "num_train": 50, "num_val": 25, "num_train_shards": 3, "num_val_shards": 2,
+        "train_shards": f"{out}/train-{{000000..000002}}.tar",
+        "val_shards": f"{out}/val-{{000000..000001}}.tar",
+        "vocab": f"{out}/vocab.json",
+        "num_train": 50,
+        "num_val": 25,
+        "num_train_shards": 3,
+        "num_val_shards": 2,
         "reused": False,
     }
     assert [s["num_samples"] for s in read_index(out / "train-index.json")["shards"]] == [20, 20, 10]

@@ -132,9 +132,9 @@ def test_checkpoint_of_another_architecture_or_vocabulary_is_refused(trained):
     words = json.loads((trained["tmp"] / "data/vocab.json").read_text())["words"]
     other = trained["tmp"] / "other-vocab.json"
     other.write_text(json.dumps({"words": words + ["zebra"]}))
+    val_shards = str(trained["tmp"] / "data/val-{000000..000000}.tar")
     result = capline("validate", *trained["args"], "--ckpt_path", ckpt, "--data.synthetic", "null",
-                     "--data.vocab", str(other), "--data.val_shards", str(trained["tmp"] / "data/val-{000000..000000}.tar"),
-                     cwd=trained["tmp"])  # fmt: skip
+                     "--data.vocab", str(other), "--data.val_shards", val_shards, cwd=trained["tmp"])  # fmt: skip
     fails_fast(result, "vocabulary", f"{len(words)} words", f"{len(words) + 1} words")
 
 

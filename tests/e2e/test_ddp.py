@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 def env(tmp_path: Path) -> dict:
     home = tmp_path / "wandb-home"
     return {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(home), "WANDB_CONFIG_DIR": str(home),
-            "WANDB_CACHE_DIR": str(home), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+            "WANDB_CACHE_DIR": str(home),
+            "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
 
 
 def base_args(tmp_path: Path, shards: dict, devices: int, batch: int = 8) -> list[str]:
@@ -109,8 +110,8 @@ def validate(tmp_path: Path, shards: dict, devices: int, ckpt: Path) -> tuple[fl
 
 
 def test_validate_on_one_and_two_processes_gives_the_same_cider(tmp_path, uneven_shards):
-    args = base_args(tmp_path, uneven_shards, devices=1) + ["--data.samples_per_epoch", "96", "--trainer.max_steps", "8",
-                                                           "--trainer.val_check_interval", "8"]  # fmt: skip
+    args = base_args(tmp_path, uneven_shards, devices=1) + [
+        "--data.samples_per_epoch", "96", "--trainer.max_steps", "8", "--trainer.val_check_interval", "8"]  # fmt: skip
     subprocess.run([CAPLINE, "fit", *args], env=env(tmp_path), check=True, capture_output=True, timeout=600)
     ckpt = tmp_path / "run1/checkpoints/last.ckpt"
     single, images_single = validate(tmp_path, uneven_shards, 1, ckpt)

@@ -99,7 +99,7 @@ def test_token_ids_score_like_the_strings_they_encode():
     containers = [list, tuple, lambda ids: np.array(ids, np.int64), lambda ids: torch.tensor(ids, dtype=torch.long)]
     for container in containers:
 
-        def encode(sentence: str):
+        def encode(sentence: str, container=container):
             return container([word_id[w] for w in sentence.split()])
 
         refs = {k: [encode(r) for r in v] for k, v in references.items()}

@@ -110,7 +110,9 @@ def run(quick: bool = False) -> list[dict]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one batched timing; the per-image loop on 100 images, scaled to 500")
+    parser.add_argument(
+        "--quick", action="store_true", help="one batched timing; the per-image loop on 100 images, scaled to 500"
+    )
     print(f"torch {torch.__version__} on {default_device()}, {torch.get_num_threads()} CPU threads")
     for row in run(quick=parser.parse_args().quick):
         goal = "" if row["goal"] == "report" else f"goal {row['goal']:<8g} {'ok' if row['ok'] else 'FAIL'}"

@@ -191,7 +191,6 @@ def run(quick: bool = False, timed_steps: int | None = None) -> list[dict]:
     ]
 
 
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30 timed steps instead of 80")

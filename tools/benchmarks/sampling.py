@@ -71,7 +71,6 @@ def run(quick: bool = False, steps: int | None = None) -> list[dict]:
     return rows
 
 
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="12 timed steps of each setting per decoder")
