@@ -18,6 +18,9 @@ class CaptionDecoder(nn.Module):
     """Shared decoding logic; subclasses implement `init_state`, `step` and may override `forward`."""
 
     vocab_size: int
+    # State entries that depend on the image only and never change while decoding. They may be held once per
+    # image while the other entries hold k rows per image (k beams, image-major): `step` broadcasts them.
+    image_state: tuple[str, ...] = ()
 
     def init_state(self, features: torch.Tensor) -> State:
         raise NotImplementedError
@@ -124,6 +127,9 @@ class ShowTellDecoder(CaptionDecoder):
         return self.head(self.dropout(out[:, 1:]))  # (B, T, V)
 
 
+_ATTENTION_BLOCK = 1 << 20  # elements of the attention intermediate computed at once without autograd (4 MiB)
+
+
 class AttentionDecoder(CaptionDecoder):
     """Show, Attend and Tell (Xu et al. 2015): additive attention over the feature map at every word.
 
@@ -137,6 +143,8 @@ class AttentionDecoder(CaptionDecoder):
         attention_dim: Size of the additive attention's hidden layer.
         dropout: Dropout before the output layer and on embeddings.
     """
+
+    image_state = ("feats", "feats_proj")
 
     def __init__(
         self,
@@ -173,12 +181,38 @@ class AttentionDecoder(CaptionDecoder):
 
     def _advance(self, embedded: torch.Tensor, state: State) -> State:
         """One LSTM step from an embedded word (B, E): attend, gate the context, update h and c."""
-        h, c, feats = state["h"], state["c"], state["feats"]
-        energy = self.score(torch.tanh(state["feats_proj"] + self.hidden_proj(h).unsqueeze(1))).squeeze(2)
-        alpha = F.softmax(energy.float(), dim=1).to(feats.dtype)  # (B, N)
-        context = torch.sigmoid(self.gate(h)) * torch.bmm(alpha.unsqueeze(1), feats).squeeze(1)  # (B, C)
+        h, c, feats = state["h"], state["c"], state["feats"]  # h, c: (I*k, H) for k rows per image; feats (I, N, C)
+        images, locations, channels = feats.shape
+        energy = self._energy(state["feats_proj"], self.hidden_proj(h))
+        alpha = F.softmax(energy.float(), dim=1).to(feats.dtype)  # (I*k, N)
+        attended = torch.bmm(alpha.view(images, -1, locations), feats).view(-1, channels)  # (I*k, C)
+        context = torch.sigmoid(self.gate(h)) * attended
         h, c = self.cell(torch.cat([embedded, context], dim=1), (h, c))
         return {**state, "h": h, "c": c, "alpha": alpha}
+
+    def _energy(self, feats_proj: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Additive attention scores (I*k, N) = w . tanh(feats_proj + query) for feats_proj (I, N, A) and
+        queries (I*k, A), k rows per image.
+
+        The (I, k, N, A) intermediate of a large search batch (500 images x 3 beams x 49 locations x 512 = 150 MB)
+        would go through memory three times per word; without autograd it is computed in blocks of images that
+        stay in cache.
+        """
+        images, locations, width = feats_proj.shape
+        k = query.shape[0] // images
+        query = query.view(images, k, 1, width)
+        block = max(1, _ATTENTION_BLOCK // (k * locations * width))
+        if torch.is_grad_enabled() or images <= block:
+            return self.score(torch.tanh(feats_proj.unsqueeze(1) + query)).view(images * k, locations)
+        energy = query.new_empty(images * k * locations, 1)
+        hidden = query.new_empty(block, k, locations, width)
+        weight, bias = self.score.weight.view(width, 1), self.score.bias
+        rows = k * locations
+        for start in range(0, images, block):
+            end = min(start + block, images)
+            part = torch.add(feats_proj[start:end].unsqueeze(1), query[start:end], out=hidden[: end - start])
+            torch.addmm(bias, part.tanh_().view(-1, width), weight, out=energy[start * rows : end * rows])
+        return energy.view(images * k, locations)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         state = self._advance(self.dropout(self.embed(tokens)), state)

@@ -11,6 +11,7 @@ from capline.models.decoders import CaptionDecoder
 from capline.vocab import Vocabulary
 
 START, END, PAD = Vocabulary.start_id, Vocabulary.end_id, Vocabulary.pad_id
+_SEARCH_BLOCK = 1 << 22  # beams x vocabulary scores per block of a beam search (16 MiB of float32)
 
 
 @dataclass
@@ -29,7 +30,9 @@ def _finish(seqs: list[torch.Tensor], alphas: list[torch.Tensor]) -> tuple[torch
     # Everything after the first <end> becomes padding.
     ended = (tokens == END).long().cumsum(dim=1)
     tokens = tokens.masked_fill((ended - (tokens == END).long()) > 0, PAD)
-    return tokens, (torch.stack(alphas, dim=1) if alphas else None)
+    if not alphas:
+        return tokens, None
+    return tokens, torch.stack(alphas, dim=1).masked_fill((tokens == PAD).unsqueeze(2), 0.0)  # no word, no weights
 
 
 @torch.no_grad()
@@ -95,17 +98,48 @@ def beam_search(
     Returns:
         The best hypothesis per image.
     """
+    block = max(1, _SEARCH_BLOCK // (beam_size * decoder.vocab_size))
+    if features.shape[0] <= block:
+        return _beam_search_block(decoder, features, beam_size, max_len, length_penalty, block_repeated_trigrams)
+    # Blocks of images whose (beams x vocabulary) score matrices stay small: tensors of tens of MB are
+    # fresh memory at every word (page faults) and pass through RAM instead of cache; images are independent.
+    parts = [
+        _beam_search_block(decoder, chunk, beam_size, max_len, length_penalty, block_repeated_trigrams)
+        for chunk in features.split(block)
+    ]
+    return _concat(parts)
+
+
+def _concat(parts: list[Generation]) -> Generation:
+    length = max(p.tokens.shape[1] for p in parts)
+    tokens = torch.cat([F.pad(p.tokens, (0, length - p.tokens.shape[1]), value=PAD) for p in parts])
+    alphas = None
+    if parts[0].alphas is not None:
+        alphas = torch.cat([F.pad(p.alphas, (0, 0, 0, length - p.alphas.shape[1])) for p in parts])
+    return Generation(tokens, torch.cat([p.scores for p in parts]), alphas)
+
+
+def _beam_search_block(
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    beam_size: int,
+    max_len: int,
+    length_penalty: float,
+    block_repeated_trigrams: bool,
+) -> Generation:
     batch, k = features.shape[0], beam_size
     device = features.device
-    state = decoder.reorder_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(k))
+    state = decoder.init_state(features)
+    per_beam = {key: value for key, value in state.items() if key not in decoder.image_state}
+    state |= decoder.reorder_state(per_beam, torch.arange(batch, device=device).repeat_interleave(k))
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # only the first beam is live at the start, so the K beams do not all repeat it
     tokens = torch.full((batch * k,), START, dtype=torch.long, device=device)
     done = torch.zeros(batch * k, dtype=torch.bool, device=device)
     seqs = torch.empty(batch * k, 0, dtype=torch.long, device=device)
     alphas: torch.Tensor | None = None
-    # State entries that step never changes (the attention decoder's image features) are equal for all beams of
-    # an image, and beams never move between images: only the others need reordering.
+    # Entries that step never changes (the attention decoder's image features, held once per image) are equal
+    # for all beams of an image, and beams never move between images: only the others need reordering.
     unchanged = set(state)
     for _ in range(max_len):
         logits, stepped = decoder.step(tokens, state)
@@ -118,7 +152,7 @@ def beam_search(
         logp[done] = float("-inf")
         logp[done, PAD] = 0.0
         vocab = logp.shape[1]
-        total = (scores.view(-1, 1) + logp).view(batch, k * vocab)
+        total = logp.add_(scores.view(-1, 1)).view(batch, k * vocab)
         scores, flat = total.topk(k, dim=1)  # (B, K)
         origin = (torch.arange(batch, device=device).unsqueeze(1) * k + flat // vocab).view(-1)
         tokens = (flat % vocab).view(-1)
@@ -134,6 +168,5 @@ def beam_search(
     lengths = ((seqs != PAD) & (seqs != END)).sum(dim=1) + (seqs == END).any(dim=1).long()  # (B*K,)
     final = scores.view(-1) / lengths.clamp(min=1).float() ** length_penalty
     best = final.view(batch, k).argmax(dim=1) + torch.arange(batch, device=device) * k
-    out_tokens, _ = _finish(list(seqs[best].unbind(1)), [])
-    out_alpha = alphas[best] if alphas is not None else None
+    out_tokens, out_alpha = _finish(list(seqs[best].unbind(1)), [] if alphas is None else list(alphas[best].unbind(1)))
     return Generation(out_tokens, final[best], out_alpha)

@@ -95,3 +95,29 @@ def test_attention_weights_are_returned_per_word():
     decoder, features = make(AttentionDecoder)
     out = beam_search(decoder, features, 3, 6)
     assert out.alphas.shape[:2] == out.tokens.shape and out.alphas.shape[2] == 4
+
+
+@pytest.mark.parametrize("decoder_cls", [ShowTellDecoder, AttentionDecoder])
+def test_search_in_blocks_of_images_equals_one_block(decoder_cls, monkeypatch):
+    """Large searches run in blocks of images (and the attention energies in blocks that fit in cache): the
+    result must not depend on the blocking."""
+    import capline.models.decoders as decoders
+    import capline.models.search as search
+
+    torch.manual_seed(3)
+    decoder = decoder_cls(V, 8, embed_dim=16, hidden_dim=16).eval()
+    features = torch.randn(7, 8, 2, 2) * 3
+    whole = beam_search(decoder, features, 3, 9)
+    monkeypatch.setattr(search, "_SEARCH_BLOCK", 3 * V * 2)  # blocks of 2 images: 2, 2, 2, 1
+    monkeypatch.setattr(decoders, "_ATTENTION_BLOCK", 3 * 4 * 16)  # one image's beams at a time
+    blocked = beam_search(decoder, features, 3, 9)
+    assert torch.equal(whole.tokens, blocked.tokens)
+    torch.testing.assert_close(whole.scores, blocked.scores)
+    if decoder_cls is AttentionDecoder:
+        assert blocked.alphas.shape == (7, whole.tokens.shape[1], 4)
+        torch.testing.assert_close(whole.alphas, blocked.alphas)
+        with torch.enable_grad():  # training takes the unblocked path; the energies are the same numbers
+            state = decoder.init_state(features)
+            query = decoder.hidden_proj(state["h"])
+            torch.testing.assert_close(decoder._energy(state["feats_proj"], query).detach(),
+                                       torch.no_grad()(decoder._energy)(state["feats_proj"], query))  # fmt: skip
