@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import random
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,8 @@ from capline.data.pipeline import pad_sequences, stable_seed
 from capline.vocab import Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
+
+_PAGE_SIZE = mmap.PAGESIZE
 
 _INTERPOLATION = {
     "bilinear": Image.BILINEAR,
@@ -162,7 +165,8 @@ class ImageBuffers:
 def _resident_shared_buffer(num_images: int, size: int) -> torch.Tensor:
     storage = torch.UntypedStorage._new_shared(num_images * size * size * 3)
     buffer = torch.empty(0, dtype=torch.uint8).set_(storage).view(num_images, size, size, 3)
-    return buffer.zero_()  # touches every page (torch releases the GIL while it does)
+    buffer.view(-1)[::_PAGE_SIZE].zero_()  # one write per page faults it in (torch releases the GIL meanwhile)
+    return buffer
 
 
 def _pad_refs(refs: list[list[list[int]]], max_refs: int, max_len: int) -> torch.Tensor:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -80,7 +82,27 @@ class _Stream(IterableDataset):
             broken = True
             return True
 
-        yield from wds.tariterators.tarfile_samples([{"url": url}], handler=broken_shard)
+        path = url.removeprefix("file://")
+        if "://" in path or path.startswith("pipe:") or not os.path.isfile(path):
+            yield from wds.tariterators.tarfile_samples([{"url": url}], handler=broken_shard)
+            return
+        files = _local_tar_files(path, url, broken_shard)
+        yield from wds.tariterators.group_by_keys(files, handler=broken_shard)
+
+
+def _local_tar_files(path: str, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The regular files of a local tar as webdataset's `{"fname", "data", "__url__"}` dicts, then the end-of-shard
+    marker `{}`. A seekable file reads each member in one call, twice as fast as webdataset's streaming reader,
+    which any URL still goes through; errors go to `handler` like webdataset's."""
+    try:
+        with tarfile.open(path, mode="r") as tar:  # plain or compressed, like webdataset's "r|*"
+            for member in tar:
+                tar.members = []  # no growing list of every member of a large shard
+                if member.isreg() and not member.name.startswith("__"):
+                    yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        handler(exn)
+    yield {}
 
 
 class TrainStream(_Stream):

@@ -83,3 +83,26 @@ def test_shard_pattern_matching_nothing_names_the_pattern(tmp_path):
 
     with pytest.raises(DataConfigError, match="nothing-.*matches no file"):
         expand_shards(str(tmp_path / "nothing-{000..003}.tar"), "train_shards")
+
+
+def test_local_shards_read_like_webdatasets_streaming_reader(synthetic_data, tmp_path):
+    """Local files take a seekable fast path; plain, file:// and gzipped shards give webdataset's samples."""
+    import gzip
+    import shutil
+
+    import webdataset as wds
+
+    from capline.data.decode import SkipCounter
+    from capline.data.pipeline import _Stream
+
+    shard = expand_shards(synthetic_data["val_shards"], "val_shards")[0]
+    expected = list(wds.tariterators.tarfile_samples([{"url": shard}]))
+    gzipped = tmp_path / "val.tar.gz"
+    with open(shard, "rb") as src, gzip.open(gzipped, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    for url in (shard, f"file://{shard}", str(gzipped)):
+        counter = SkipCounter()
+        got = list(_Stream._read_shard(url, counter))
+        assert [s["__key__"] for s in got] == [s["__key__"] for s in expected]
+        assert all(g["jpg"] == e["jpg"] and g["json"] == e["json"] for g, e in zip(got, expected))
+        assert counter.take().sum() == 0
