@@ -6,12 +6,12 @@ import logging
 import mmap
 import random
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import get_worker_info
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.data import DataLoader, get_worker_info
 
 from capline.data.decode import SkipCounter, SkipSample, decode_sample
 from capline.data.pipeline import pad_sequences, stable_seed
@@ -99,7 +99,7 @@ class CaptionBatcher:
 
     def __call__(self, raw_samples: list[dict], counter: SkipCounter, epoch: int) -> dict:
         size = self.transform.size
-        images = self.buffers.get(len(raw_samples), size)
+        images, slot = self.buffers.get(len(raw_samples), size)
         tokens, refs, captions, ids, keys = [], [], [], [], []
         for raw in raw_samples:
             try:
@@ -125,6 +125,8 @@ class CaptionBatcher:
             "keys": keys,
             "skipped": counter.take(),
         }
+        if slot >= 0:
+            batch["buffer_slot"] = slot  # taken out again by RecyclingDataLoader in the main process
         if not self.train:
             batch["refs"] = _pad_refs(refs, self.max_refs, self.max_len)
             batch["captions"] = captions
@@ -132,41 +134,80 @@ class CaptionBatcher:
 
 
 class ImageBuffers:
-    """Hands out uninitialised uint8 (N, H, W, 3) batch buffers.
+    """Hands out uninitialised uint8 (N, H, W, 3) batch buffers, and recycles them across batches.
 
     Each image is written into its buffer once, pixel-interleaved as PIL decodes it: the (B, 3, H, W) view over
     it is channels-last, which timm's convolutions take as it is (no transpose in the worker, none on the device).
 
-    In a dataloader worker the buffers are in shared memory, as `default_collate` allocates them, so sending the
+    In a dataloader worker the buffers are in shared memory, as `default_collate` allocates them, so handing a
     batch to the main process copies nothing. Fresh shared memory is slow to write the first time (a page fault
-    per 4 KiB); a background thread allocates and faults in the next buffer while the current batch decodes, the
-    way a double buffer works, so the decoding thread only ever writes to resident pages.
+    per 4 KiB page, a few percent of the decode time), so each worker keeps `slots_per_worker` buffers and reuses
+    one once the main process no longer holds any tensor on it: `RecyclingDataLoader` tracks that with a weak
+    reference to each batch's storage and clears the slot's flag in `flags` (shared, one byte per slot; 1 = in
+    use). With every slot held (user code keeping batches), a worker takes fresh memory: nothing is overwritten
+    while anything can still see it.
     """
 
-    def __init__(self):
-        self._pool: ThreadPoolExecutor | None = None
-        self._next: dict[tuple[int, int], Future] = {}
+    def __init__(self, slots_per_worker: int = 8):
+        self.slots_per_worker = slots_per_worker
+        self.flags: torch.Tensor | None = None  # set by `start` in the main process, before workers start
+        self._slots: dict[int, torch.Tensor] = {}  # a worker's own flat buffers, by slot
 
-    def __getstate__(self) -> dict:  # a worker starts with its own thread and no buffer in flight
-        return {"_pool": None, "_next": {}}
+    def __getstate__(self) -> dict:  # a worker starts with its own (empty) set of buffers
+        return {"slots_per_worker": self.slots_per_worker, "flags": self.flags, "_slots": {}}
 
-    def get(self, num_images: int, size: int) -> torch.Tensor:
-        if get_worker_info() is None:
-            return torch.empty((num_images, size, size, 3), dtype=torch.uint8)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="capline-buffers")
-        key = (num_images, size)
-        ready = self._next.pop(key, None)
-        buffer = ready.result() if ready is not None else _resident_shared_buffer(num_images, size)
-        self._next = {key: self._pool.submit(_resident_shared_buffer, num_images, size)}
-        return buffer
+    def start(self, num_workers: int) -> torch.Tensor | None:
+        """Called by the loader before its workers start; returns the slot flags it must clear."""
+        self.flags = torch.zeros(num_workers * self.slots_per_worker, dtype=torch.uint8).share_memory_()
+        self._slots = {}
+        return self.flags
+
+    def get(self, num_images: int, size: int) -> tuple[torch.Tensor, int]:
+        """A buffer for `num_images` images and its slot (-1: not recycled)."""
+        shape, numel = (num_images, size, size, 3), num_images * size * size * 3
+        info = get_worker_info()
+        if info is None:
+            return torch.empty(shape, dtype=torch.uint8), -1
+        flags = self.flags
+        if flags is not None and (info.id + 1) * self.slots_per_worker <= flags.numel():
+            first = info.id * self.slots_per_worker
+            free = (flags[first : first + self.slots_per_worker] == 0).nonzero()
+            if free.numel():
+                slot = first + int(free[0])
+                buffer = self._slots.get(slot)
+                if buffer is None or buffer.numel() < numel:
+                    buffer = self._slots[slot] = _resident_shared_buffer(numel)
+                flags[slot] = 1
+                return buffer[:numel].view(shape), slot
+        return _resident_shared_buffer(numel).view(shape), -1
 
 
-def _resident_shared_buffer(num_images: int, size: int) -> torch.Tensor:
-    storage = torch.UntypedStorage._new_shared(num_images * size * size * 3)
-    buffer = torch.empty(0, dtype=torch.uint8).set_(storage).view(num_images, size, size, 3)
-    buffer.view(-1)[::_PAGE_SIZE].zero_()  # one write per page faults it in (torch releases the GIL meanwhile)
+def _resident_shared_buffer(numel: int) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared(numel)
+    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+    buffer[::_PAGE_SIZE] = 0  # one write per page faults it in
     return buffer
+
+
+class RecyclingDataLoader(DataLoader):
+    """A `DataLoader` over a stream whose batcher has `ImageBuffers`: it frees a worker's batch buffer for reuse
+    once no tensor in this process refers to it any more (checked as each batch arrives)."""
+
+    def __iter__(self):
+        buffers = getattr(getattr(self.dataset, "make_batch", None), "buffers", None)
+        if not self.num_workers or not isinstance(buffers, ImageBuffers):
+            yield from super().__iter__()
+            return
+        flags = buffers.start(self.num_workers)
+        held: dict[int, StorageWeakRef] = {}
+        for batch in super().__iter__():
+            for slot in [s for s, ref in held.items() if ref.expired()]:
+                flags[slot] = 0
+                del held[slot]
+            slot = batch.pop("buffer_slot", -1)
+            if slot >= 0:
+                held[slot] = StorageWeakRef(batch["images"].untyped_storage())
+            yield batch
 
 
 def _pad_refs(refs: list[list[list[int]]], max_refs: int, max_len: int) -> torch.Tensor:

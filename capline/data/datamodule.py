@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from capline.data.collate import CaptionBatcher, ImageTransform
+from capline.data.collate import CaptionBatcher, ImageTransform, RecyclingDataLoader
 from capline.data.pipeline import EvalStream, TrainStream
 from capline.vocab import Vocabulary
 
@@ -189,7 +189,7 @@ class CaptionDataModule(L.LightningDataModule):
         return self._eval_loader("test_shards")
 
     def _loader(self, stream) -> DataLoader:
-        return DataLoader(
+        return RecyclingDataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=False,
             prefetch_factor=4 if self.num_workers else None,
             # Its own generator: creating workers must not draw from the global RNG, or a resumed run diverges.
