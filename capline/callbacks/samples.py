@@ -49,8 +49,8 @@ class CaptionSamples(L.Callback):
 
     def _thumbnails(self, images: torch.Tensor) -> torch.Tensor:
         scale = self.thumbnail / max(images.shape[-2:])
-        if scale >= 1:
-            return images.cpu()
+        if scale >= 1:  # a copy: holding views would keep every batch's (shared, recyclable) buffer alive
+            return images.to("cpu", copy=True)
         small = F.interpolate(images.float(), scale_factor=scale, mode="bilinear", antialias=True)
         return small.round().clamp(0, 255).to(torch.uint8).cpu()
 
