@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import mmap
 import random
 import zlib
 
@@ -18,8 +17,6 @@ from capline.data.pipeline import pad_sequences, stable_seed
 from capline.vocab import Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
-
-_PAGE_SIZE = mmap.PAGESIZE
 
 _INTERPOLATION = {
     "bilinear": Image.BILINEAR,
@@ -176,17 +173,15 @@ class ImageBuffers:
                 slot = first + int(free[0])
                 buffer = self._slots.get(slot)
                 if buffer is None or buffer.numel() < numel:
-                    buffer = self._slots[slot] = _resident_shared_buffer(numel)
+                    buffer = self._slots[slot] = _shared_buffer(numel)
                 flags[slot] = 1
                 return buffer[:numel].view(shape), slot
-        return _resident_shared_buffer(numel).view(shape), -1
+        return _shared_buffer(numel).view(shape), -1
 
 
-def _resident_shared_buffer(numel: int) -> torch.Tensor:
-    storage = torch.UntypedStorage._new_shared(numel)
-    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
-    buffer[::_PAGE_SIZE] = 0  # one write per page faults it in
-    return buffer
+def _shared_buffer(numel: int) -> torch.Tensor:
+    """`numel` uninitialised bytes of shared memory, allocated the way `default_collate` does in workers."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel))
 
 
 class RecyclingDataLoader(DataLoader):
