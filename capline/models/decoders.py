@@ -204,9 +204,10 @@ class AttentionDecoder(CaptionDecoder):
         block = max(1, _ATTENTION_BLOCK // (k * locations * width))
         if torch.is_grad_enabled() or images <= block:
             return self.score(torch.tanh(feats_proj.unsqueeze(1) + query)).view(images * k, locations)
-        energy = query.new_empty(images * k * locations, 1)
-        hidden = query.new_empty(block, k, locations, width)
-        weight, bias = self.score.weight.view(width, 1), self.score.bias
+        dtype = torch.promote_types(feats_proj.dtype, query.dtype)  # bf16 under autocast, whose rules skip out=
+        energy = query.new_empty(images * k * locations, 1, dtype=dtype)
+        hidden = query.new_empty(block, k, locations, width, dtype=dtype)
+        weight, bias = self.score.weight.to(dtype).view(width, 1), self.score.bias.to(dtype)
         rows = k * locations
         for start in range(0, images, block):
             end = min(start + block, images)

@@ -121,3 +121,24 @@ def test_search_in_blocks_of_images_equals_one_block(decoder_cls, monkeypatch):
             query = decoder.hidden_proj(state["h"])
             torch.testing.assert_close(decoder._energy(state["feats_proj"], query).detach(),
                                        torch.no_grad()(decoder._energy)(state["feats_proj"], query))  # fmt: skip
+
+
+def test_blocked_attention_runs_under_bf16_autocast(monkeypatch):
+    """Validation and test run the search under `bf16-mixed`; the blocked energies use out= tensors, which autocast
+    does not cast, so they must pick the dtype themselves."""
+    import capline.models.decoders as decoders
+
+    torch.manual_seed(4)
+    decoder = AttentionDecoder(V, 8, embed_dim=16, hidden_dim=16).eval()
+    features = torch.randn(6, 8, 2, 2) * 3
+    monkeypatch.setattr(decoders, "_ATTENTION_BLOCK", 3 * 4 * 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = beam_search(decoder, features, 3, 6)
+        state = decoder.init_state(features)
+        query = decoder.hidden_proj(state["h"])
+        blocked = decoder._energy(state["feats_proj"], query)
+    monkeypatch.setattr(decoders, "_ATTENTION_BLOCK", 1 << 30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = decoder._energy(state["feats_proj"], query)
+    assert out.tokens.shape[0] == 6 and torch.isfinite(out.scores).all()
+    torch.testing.assert_close(blocked.float(), whole.float(), atol=0.05, rtol=0.05)
