@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tools.benchmarks` when run as a script
 
+from tools.benchmarks import format_table  # noqa: E402
+
 BENCHMARKS = {
     "data": "tools.benchmarks.data",  # training dataloader vs bare PIL decode, raw vs pre-resized shards
     "overhead": "tools.benchmarks.overhead",  # Trainer.fit + CaptionModule vs a bare PyTorch loop
@@ -65,22 +67,6 @@ def run_benchmark(name: str, quick: bool) -> tuple[list[dict], bool]:
         if row["value"] is not None and not math.isfinite(row["value"]):
             row.update(value=None, ok=None, note=f"non-finite value {row['value']}")
     return rows, True
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'name':<48} {'value':>12}  {'goal':>8}  status"]
-    for row in rows:
-        value = "-" if row["value"] is None else f"{row['value']:.4g}"
-        goal = "report" if row["goal"] in (None, "report") else f"{row['goal']:g}"
-        if row["ok"] is None:
-            status = "not measured"
-        elif goal == "report":
-            status = "report"
-        else:
-            status = "ok" if row["ok"] else "MISS"
-        note = f"  ({row['note']})" if row.get("note") else ""
-        lines.append(f"{row['name']:<48} {value:>12}  {goal:>8}  {status}{note}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,7 +156,6 @@ class ImageBuffers:
     def start(self, num_workers: int) -> torch.Tensor | None:
         """Called by the loader before its workers start; returns the slot flags it must clear."""
         self.flags = torch.zeros(num_workers * self.slots_per_worker, dtype=torch.uint8).share_memory_()
-        self._slots = {}
         return self.flags
 
     def get(self, num_images: int, size: int) -> tuple[torch.Tensor, int]:

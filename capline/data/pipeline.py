@@ -83,7 +83,7 @@ class _Stream(IterableDataset):
             return True
 
         path = url.removeprefix("file://")
-        if "://" in path or path.startswith("pipe:") or not os.path.isfile(path):
+        if not os.path.isfile(path):  # URLs, pipe: commands
             yield from wds.tariterators.tarfile_samples([{"url": url}], handler=broken_shard)
             return
         files = _local_tar_files(path, url, broken_shard)

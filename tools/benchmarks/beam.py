@@ -12,13 +12,13 @@ identical, only the batching differs. The per-image loop takes minutes on a CPU 
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
 from capline.models import AttentionDecoder, ShowTellDecoder, beam_search
+from tools.benchmarks import main
 from tools.benchmarks import row as _row
 
 VOCAB_SIZE = 10_000
@@ -109,11 +109,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="one batched timing; the per-image loop on 100 images, scaled to 500"
-    )
-    print(f"torch {torch.__version__} on {default_device()}, {torch.get_num_threads()} CPU threads")
-    for row in run(quick=parser.parse_args().quick):
-        goal = "" if row["goal"] == "report" else f"goal {row['goal']:<8g} {'ok' if row['ok'] else 'FAIL'}"
-        print(f"{row['name']:<40} {row['value']:>12.6g}  {goal}")
+    main(__doc__, run, "one batched timing; the per-image loop on 100 images, scaled to 500")

@@ -6,13 +6,13 @@ python -m tools.benchmarks.cider --quick    # best of 2 timings instead of 5, 10
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 from pycocoevalcap.cider.cider import Cider
 
 from capline.metrics.cider import CiderD, cider_d
+from tools.benchmarks import main
 from tools.benchmarks import row as _row
 
 VOCAB_SIZE = 10_000
@@ -87,7 +87,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats: best of 2 timings, 10 small batches")
-    for row in run(quick=parser.parse_args().quick):
-        print(f"{row['name']:<36} {row['value']:>12.6g}  goal {row['goal']:<8g} {'ok' if row['ok'] else 'FAIL'}")
+    main(__doc__, run, "fewer repeats: best of 2 timings, 10 small batches")

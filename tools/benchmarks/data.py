@@ -16,7 +16,6 @@ written once per machine under the temp folder and reused.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import multiprocessing
@@ -32,6 +31,7 @@ from capline.data.coco import encode_image
 from capline.data.datamodule import CaptionDataModule
 from capline.data.shards import ShardWriter, index_path, shard_pattern
 from capline.vocab import Vocabulary
+from tools.benchmarks import main
 from tools.benchmarks import row as _row
 
 WIDTH, HEIGHT, QUALITY = 640, 480, 90  # COCO's typical photo
@@ -197,7 +197,4 @@ def run(quick: bool = False, num_images: int | None = None, worker_counts: tuple
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="each timing reads the images twice, best of 3")
-    for row in run(quick=parser.parse_args().quick):
-        print(f"{row['name']:<48} {row['value']:>10.4g}  goal {row['goal']!s:<7} {'ok' if row['ok'] else 'MISS'}")
+    main(__doc__, run, "each timing reads the images twice, best of 3")

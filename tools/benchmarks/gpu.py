@@ -12,7 +12,6 @@ in the dataloader's `next()`. The settings: encoder trained, and encoder frozen 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import tempfile
@@ -28,6 +27,7 @@ from capline.module import CaptionModule
 from capline.schedules import EncoderFinetuning, LRSchedule
 from capline.vocab import SPECIAL_TOKENS, Vocabulary
 from tools.benchmarks import data as data_bench
+from tools.benchmarks import main
 from tools.benchmarks.overhead import StepTimer
 
 VOCAB_SIZE = 10_000  # COCO's, words seen 5+ times
@@ -149,8 +149,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20 timed steps per setting")
-    for row in run(quick=parser.parse_args().quick):
-        value = "not measured" if row["value"] is None else f"{row['value']:.4g}"
-        print(f"{row['name']:<48} {value:>12}  {row.get('note', '')}")
+    main(__doc__, run, "20 timed steps per setting")

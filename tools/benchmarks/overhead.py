@@ -15,7 +15,6 @@ per-step work (skip counting, `self.log`, the non-finite gradient check) counts 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
@@ -31,6 +30,7 @@ from capline.models.loss import masked_cross_entropy
 from capline.module import CaptionModule
 from capline.schedules import EncoderFinetuning, LRSchedule
 from capline.vocab import Vocabulary
+from tools.benchmarks import main
 from tools.benchmarks import row as _row
 
 # The demo model of configs/demo.yaml, pinned here so that the figures keep their meaning when the config changes.
@@ -192,7 +192,4 @@ def run(quick: bool = False, timed_steps: int | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="30 timed steps instead of 80")
-    for row in run(quick=parser.parse_args().quick):
-        print(f"{row['name']:<36} {row['value']:>10.4g}  goal {row['goal']!s:<7} {'ok' if row['ok'] else 'MISS'}")
+    main(__doc__, run, "30 timed steps instead of 80")

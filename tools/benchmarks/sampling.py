@@ -13,11 +13,11 @@ hits both alike; the value is the ratio of the best step times (the least distur
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from capline.models import AttentionDecoder
 from capline.models.loss import masked_cross_entropy
+from tools.benchmarks import main
 from tools.benchmarks import row as _row
 from tools.benchmarks.overhead import demo_module, demo_vocabulary, make_batches
 
@@ -72,7 +72,4 @@ def run(quick: bool = False, steps: int | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="12 timed steps of each setting per decoder")
-    for row in run(quick=parser.parse_args().quick):
-        print(f"{row['name']:<40} {row['value']:>10.4g}  goal {row['goal']!s:<7} {'ok' if row['ok'] else 'MISS'}")
+    main(__doc__, run, "12 timed steps of each setting per decoder")
