@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -38,6 +40,9 @@ class TimmEncoder(nn.Module):
         trainable_stages: When the encoder is fine-tuned, train only its last N stages (timm's coarse parameter
             groups); None trains all of it. Stages outside are frozen for good.
         channels_last: Run the backbone in channels-last memory format (faster convolutions on GPU).
+        model_kwargs: More `timm.create_model` keyword arguments, e.g. `{"output_stride": 16}` (a finer feature
+            map by dilation), `{"drop_path_rate": 0.1}`, or `{"features_only": True, "out_indices": [2]}` (the
+            feature map of an earlier stage: finer, and cheaper since the later stages are not built).
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class TimmEncoder(nn.Module):
         crop_pct: float | None = None,
         trainable_stages: int | None = None,
         channels_last: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
         check_model_name(model_name)
@@ -57,10 +63,12 @@ class TimmEncoder(nn.Module):
             if not Path(checkpoint_path).is_file():
                 raise EncoderConfigError(f"encoder checkpoint_path {checkpoint_path!r} does not exist")
             overlay = {"file": str(checkpoint_path)}
-        self.backbone = timm.create_model(
-            model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, num_classes=0, global_pool=""
-        )
-        self.num_features: int = self.backbone.num_features
+        self.backbone = create_backbone(model_name, pretrained, overlay, dict(model_kwargs or {}))
+        self.features_only = bool((model_kwargs or {}).get("features_only"))
+        if self.features_only:  # a FeatureListNet: its forward returns the requested stages' maps
+            self.num_features: int = self.backbone.feature_info.channels()[-1]
+        else:
+            self.num_features = self.backbone.num_features
         self.data_config = timm.data.resolve_model_data_config(self.backbone)
         if img_size is not None:
             self.data_config["input_size"] = (3, img_size, img_size)
@@ -76,6 +84,8 @@ class TimmEncoder(nn.Module):
     def _freeze_outside_last_stages(self, trainable_stages: int | None) -> None:
         if trainable_stages is None:
             return
+        if self.features_only:
+            raise EncoderConfigError("trainable_stages cannot be combined with features_only; set one of them")
         groups = timm.models.group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
         last = sorted(groups)[-trainable_stages:] if trainable_stages else []
         keep = {name for gid in last for name in groups[gid]}
@@ -88,4 +98,24 @@ class TimmEncoder(nn.Module):
         x = (images.float() - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.features_only:
+            return self.backbone(x)[-1]
         return self.backbone.forward_features(x)
+
+
+def create_backbone(model_name: str, pretrained: bool, overlay: dict | None, model_kwargs: dict) -> nn.Module:
+    """`timm.create_model` without a classifier; a keyword the model does not take fails in one sentence."""
+    reserved = {"pretrained", "pretrained_cfg_overlay", "num_classes", "global_pool"} & set(model_kwargs)
+    if reserved:
+        raise EncoderConfigError(f"model_kwargs must not set {sorted(reserved)}: TimmEncoder sets them itself")
+    kwargs = {"num_classes": 0, "global_pool": "", **model_kwargs}
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    except TypeError as err:
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unexpected is None:
+            raise
+        raise EncoderConfigError(
+            f"timm model {model_name!r} does not take the keyword argument {unexpected.group(1)!r} "
+            f"(model.encoder.init_args.model_kwargs); see its constructor in timm for the ones it does"
+        ) from None

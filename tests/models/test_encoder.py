@@ -42,3 +42,25 @@ def test_data_config_follows_timm_with_overrides():
     encoder = TimmEncoder("resnet18", img_size=96, crop_pct=1.0)
     assert encoder.data_config["input_size"] == (3, 96, 96) and encoder.data_config["crop_pct"] == 1.0
     assert encoder.data_config["mean"] == timm.data.resolve_model_data_config(encoder.backbone)["mean"]
+
+
+def test_timm_keyword_arguments_pass_through():
+    finer = TimmEncoder("resnet18", img_size=64, model_kwargs={"output_stride": 16, "drop_path_rate": 0.1})
+    features = finer(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert features.shape == (2, 512, 4, 4)  # stride 16 instead of 32
+    assert finer.backbone.layer4[-1].drop_path.drop_prob == pytest.approx(0.1)  # timm ramps it up to the last block
+
+
+def test_an_earlier_stage_gives_a_finer_cheaper_map():
+    encoder = TimmEncoder("resnet18", model_kwargs={"features_only": True, "out_indices": [2]})
+    assert encoder.num_features == 128
+    assert encoder(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, 128, 8, 8)
+    assert not any(name.startswith("layer3") for name, _ in encoder.backbone.named_parameters())
+
+
+def test_unknown_timm_keyword_fails_in_one_sentence():
+    with pytest.raises(EncoderConfigError, match="does not take the keyword argument 'output_strid'") as info:
+        TimmEncoder("resnet18", model_kwargs={"output_strid": 8})
+    assert "\n" not in str(info.value)
+    with pytest.raises(EncoderConfigError, match="num_classes"):
+        TimmEncoder("resnet18", model_kwargs={"num_classes": 10})
