@@ -18,8 +18,10 @@ from capline.checkpoints import check_compatible
 from capline.data.decode import SKIP_REASONS
 from capline.metrics import CaptionMetrics
 from capline.metrics.diagnostics import collapse_warning
+from capline.metrics.reward import CiderReward, training_reward
 from capline.models import CaptionDecoder, TimmEncoder, beam_search, greedy_search
 from capline.models.loss import masked_cross_entropy
+from capline.models.scst import SCST, scst_loss
 from capline.rng import collect_rng_states, restore_rng_states
 from capline.schedules import EncoderFinetuning, LRSchedule, ScheduledSampling
 from capline.vocab import Vocabulary
@@ -57,6 +59,7 @@ class CaptionModule(L.LightningModule):
         length_penalty: Beam search length-normalisation exponent.
         max_nonfinite_steps: Stop (with a checkpoint) after this many optimizer steps in a row skipped because
             the loss or the gradients were NaN/inf.
+        scst: Self-critical sequence training from `scst.start_step` on (None: cross-entropy throughout).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class CaptionModule(L.LightningModule):
         test_beam_size: int = 3,
         length_penalty: float = 0.0,
         max_nonfinite_steps: int = 20,
+        scst: SCST | None = None,
     ):
         super().__init__()
         # Plain values only, so checkpoints load with weights_only=True (the parts are rebuilt from the config).
@@ -84,7 +88,9 @@ class CaptionModule(L.LightningModule):
         self.lr_schedule = _as(LRSchedule, lr_schedule)
         self.finetuning = _as(EncoderFinetuning, encoder_finetuning)
         self.sampling = _as(ScheduledSampling, scheduled_sampling)
-        for name in ("lr_schedule", "encoder_finetuning", "scheduled_sampling"):
+        self.scst = SCST(**scst) if isinstance(scst, dict) else scst
+        self.reward: CiderReward | None = None  # SCST's, with the training corpus statistics (built in setup)
+        for name in ("lr_schedule", "encoder_finetuning", "scheduled_sampling", "scst"):
             if dataclasses.is_dataclass(self.hparams.get(name)):
                 self.hparams[name] = dataclasses.asdict(self.hparams[name])
         self.max_len, self.length_penalty = max_len, length_penalty
@@ -104,14 +110,26 @@ class CaptionModule(L.LightningModule):
         # no_grad instead), so DDP registers its parameters and all-reduces their gradients once it is unfrozen;
         # DDP must then be told that some parameters get no gradient during the warm-up.
         strategy = self.trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DDPStrategy) and self.finetuning.freeze_steps != 0:
+        frozen_in_scst = self.scst is not None and not self.scst.train_encoder
+        if isinstance(strategy, DDPStrategy) and (self.finetuning.freeze_steps != 0 or frozen_in_scst):
             if not strategy._ddp_kwargs.get("find_unused_parameters"):
                 log.info("encoder warm-up under DDP: setting find_unused_parameters=True")
                 strategy._ddp_kwargs["find_unused_parameters"] = True
+        if self.scst is not None and stage == "fit" and self.reward is None:
+            self.reward = training_reward(self.trainer.datamodule)  # fails in one sentence without references
+
+    @property
+    def needs_train_references(self) -> bool:
+        """Whether training batches must carry every reference (read by `CaptionDataModule`)."""
+        return self.scst is not None
 
     # ---- the forward passes -------------------------------------------------------------------------------
     def encoder_trainable(self) -> bool:
-        return self.finetuning.trainable(self.global_step)
+        frozen_in_scst = self.scst_active() and not self.scst.train_encoder
+        return self.finetuning.trainable(self.global_step) and not frozen_in_scst
+
+    def scst_active(self) -> bool:
+        return self.scst is not None and self.scst.active(self.global_step)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder features; while the encoder is frozen, without autograd and with BatchNorm in eval mode."""
@@ -133,9 +151,14 @@ class CaptionModule(L.LightningModule):
         self._count_skips(batch["skipped"])
         tokens = batch["tokens"]  # (B, T): <start> w1 ... wn <end> <pad>...
         features = self.encode(batch["images"])
-        ss_prob = self.sampling.prob(self.global_step, self.current_epoch)
-        logits = self.decoder.forward_scheduled(features, tokens[:, :-1], ss_prob, self.sampling.sample)
-        loss = masked_cross_entropy(logits, tokens[:, 1:])
+        if self.scst_active():  # the reward replaces cross-entropy; scheduled sampling does not apply
+            ss_prob = 0.0
+            loss, stats = scst_loss(self.decoder, features, batch["refs"], self.reward, self.scst, self.max_len)
+            self.log_dict({f"train/scst_{name}": value for name, value in stats.items()})
+        else:
+            ss_prob = self.sampling.prob(self.global_step, self.current_epoch)
+            logits = self.decoder.forward_scheduled(features, tokens[:, :-1], ss_prob, self.sampling.sample)
+            loss = masked_cross_entropy(logits, tokens[:, 1:])
         self._loss_finite = torch.isfinite(loss.detach())
         groups = self.optimizers().param_groups
         self.log("train/loss", loss, prog_bar=True)
@@ -145,6 +168,7 @@ class CaptionModule(L.LightningModule):
                 "train/lr_encoder": next((g["lr"] for g in groups if g.get("name") == "encoder"), 0.0),
                 "train/ss_prob": ss_prob,
                 "train/encoder_trainable": float(self.encoder_trainable()),
+                "train/phase": float(self.scst_active()),  # 0 cross-entropy, 1 SCST
             }
         )
         return loss
@@ -278,11 +302,17 @@ class CaptionModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self._param_groups())
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        if self.scst is not None:  # the schedule spans cross-entropy; SCST runs at its own constant rate
+            total = max(1, min(total, self.scst.start_step))
+        scst_factor = self.scst.lr / optimizer.param_groups[0]["lr"] if self.scst is not None else 1.0
 
         def lr_lambda(encoder: bool) -> Callable[[int], float]:
-            if encoder:
-                return lambda step: self.finetuning.factor(step) * self.lr_schedule.factor(step, total)
-            return lambda step: self.lr_schedule.factor(step, total)
+            def factor(step: int) -> float:
+                scst = self.scst is not None and self.scst.active(step)
+                rate = scst_factor if scst else self.lr_schedule.factor(step, total)
+                return rate * (self.finetuning.factor(step) if encoder else 1.0)
+
+            return factor
 
         lambdas = [lr_lambda(g["name"].startswith("encoder")) for g in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
@@ -292,6 +322,8 @@ class CaptionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vocab"] = self.vocab.words
         checkpoint["rng_states"] = collect_rng_states()
+        if self.reward is not None:
+            checkpoint["scst_reward"] = self.reward.state_dict()  # a resumed run scores with the same statistics
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
         for logger in self.loggers:
@@ -307,4 +339,6 @@ class CaptionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
+        if self.scst is not None and "scst_reward" in checkpoint:
+            self.reward = CiderReward.from_state_dict(checkpoint["scst_reward"])
         check_compatible(checkpoint, self.vocab, self.state_dict())

@@ -86,12 +86,17 @@ class CaptionBatcher:
         max_refs: Most references kept per image for scoring.
         train: Draw one random reference per image visit (else: the first, and all references in `refs`).
         seed: Seed of the per-visit caption choice.
+        train_refs: Training batches carry every reference in `refs` too (SCST scores samples against them).
     """
 
-    def __init__(self, vocab: Vocabulary, transform: ImageTransform, max_len: int, max_refs: int, train: bool, seed=0):
+    def __init__(
+        self, vocab: Vocabulary, transform: ImageTransform, max_len: int, max_refs: int, train: bool, seed=0,
+        train_refs: bool = False,
+    ):  # fmt: skip
         self.vocab, self.transform = vocab, transform
         self.max_len, self.max_refs = max_len, max_refs
         self.train, self.seed = train, seed
+        self.train_refs = train_refs
         self.buffers = ImageBuffers()
 
     def __call__(self, raw_samples: list[dict], counter: SkipCounter, epoch: int) -> dict:
@@ -110,6 +115,8 @@ class CaptionBatcher:
             rng = random.Random(stable_seed(self.seed, epoch, sample.key))
             caption = rng.choice(sample.captions) if self.train else sample.captions[0]
             tokens.append(self.vocab.encode(caption, self.max_len))
+            if self.train and self.train_refs:
+                refs.append([reference_ids(c, self.vocab, self.max_len) for c in sample.captions[: self.max_refs]])
             if not self.train:
                 refs.append([reference_ids(c, self.vocab, self.max_len) for c in sample.captions[: self.max_refs]])
                 captions.append(sample.captions)
@@ -122,6 +129,8 @@ class CaptionBatcher:
             "keys": keys,
             "skipped": counter.take(),
         }
+        if self.train and self.train_refs:
+            batch["refs"] = _pad_refs(refs, self.max_refs, self.max_len)  # (B, R, L)
         if slot >= 0:
             batch["buffer_slot"] = slot  # taken out again by RecyclingDataLoader in the main process
         if not self.train:

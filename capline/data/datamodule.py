@@ -130,6 +130,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.rank, self.world_size = 0, 1
         self.image_config: dict | None = None
+        self.train_refs = False  # training batches carry every reference (set when the model trains with SCST)
         self.train_stream: TrainStream | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches already trained) from a checkpoint
 
@@ -145,13 +146,23 @@ class CaptionDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
             self.image_config = self.trainer.lightning_module.encoder.data_config
+            self.train_refs = bool(getattr(self.trainer.lightning_module, "needs_train_references", False))
         if self.image_config is None:
             raise DataConfigError("CaptionDataModule needs image_config (the encoder's timm data config)")
         self.batch_size = self.per_device_batch_size(self.world_size)
         self.transform = ImageTransform(self.image_config)
 
     def _batcher(self, train: bool) -> CaptionBatcher:
-        return CaptionBatcher(self.vocab, self.transform, self.max_len, self.max_refs, train=train, seed=self.seed)
+        return CaptionBatcher(
+            self.vocab, self.transform, self.max_len, self.max_refs, train=train, seed=self.seed,
+            train_refs=train and self.train_refs,
+        )  # fmt: skip
+
+    def train_references(self) -> list[list[list[int]]]:
+        """Every training sample's references as ids, as training batches carry them (read once, for SCST)."""
+        from capline.data.references import training_references
+
+        return training_references(self._require("train_shards"), self.vocab, self.max_len, self.max_refs)
 
     def _require(self, name: str) -> list[str]:
         if not self.shards[name]:

@@ -394,6 +394,28 @@ class CiderD:
         lengths = np.concatenate([cand_lengths, ref_lengths[present]])
         return _score_flat(tokens, lengths, ref_image, self.n, self.sigma, self._stats)
 
+    def state_dict(self) -> dict:
+        """The corpus statistics of an id-based scorer as tensors (a checkpoint holds them with weights_only)."""
+        import torch
+
+        if self._stats is None or self._kind == "str":
+            raise TypeError("only a CiderD built from_references of token ids has a state to save")
+        stats = self._stats
+        return {
+            "n": self.n, "sigma": self.sigma, "ref_len": stats.ref_len, "offsets": torch.from_numpy(stats.offsets),
+            "df": torch.from_numpy(stats.df), "keys": [torch.from_numpy(k) for k in stats.keys],
+        }  # fmt: skip
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> CiderD:
+        """The scorer whose `state_dict()` this is."""
+        scorer = cls(n=int(state["n"]), sigma=float(state["sigma"]))
+        keys = [np.asarray(k, np.int64) for k in state["keys"]]  # CPU tensors convert without a copy
+        offsets, df = np.asarray(state["offsets"], np.int64), np.asarray(state["df"], np.int64)
+        scorer._stats = _ReferenceStats(keys, offsets, df, float(state["ref_len"]))
+        scorer._kind = "ids"
+        return scorer
+
     def _encode(self, sentences: list[Sentence]) -> tuple[np.ndarray, np.ndarray]:
         kind = _kind_of(sentences)
         if self._kind is not None and kind != self._kind:
