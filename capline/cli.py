@@ -16,9 +16,10 @@ import warnings
 
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from capline.callbacks.predictions import CaptionPredictionWriter
 from capline.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from capline.data.datamodule import CaptionDataModule, DataConfigError
 from capline.models.encoder import EncoderConfigError
@@ -33,6 +34,7 @@ from capline.preflight import (
     find_last_checkpoint,
     redact,
 )
+from capline.summary import fit_summary
 from capline.vocab import VocabError
 
 # Lightning's warnings that do not apply here: the streams give every dataloader worker its own part of the data,
@@ -69,6 +71,7 @@ class CaptionCLI(LightningCLI):
         root = config.trainer.get("default_root_dir") or os.getcwd()
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        _wandb_dir_follows_root(config, root)
         check_batch_divides(config)
         check_precision(config.trainer.get("precision"), config.trainer.get("accelerator"))
         if config.get("ckpt_path") == "last":
@@ -103,6 +106,30 @@ class CaptionCLI(LightningCLI):
         self._log_resolved_config()
 
     before_validate = before_test = _log_resolved_config
+
+    def before_predict(self) -> None:
+        # `capline predict` writes its captions (predictions.jsonl, predictions_coco.json) unless told otherwise.
+        if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
+            self.trainer.callbacks.append(CaptionPredictionWriter())
+        if self.config_init[self.subcommand].get("return_predictions") is None:
+            self.config_init[self.subcommand]["return_predictions"] = False  # the writer has them: no second copy
+
+    def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask
+        if self.trainer.is_global_zero:
+            config = os.path.join(log_dir, "config.yaml") if log_dir else None
+            print(fit_summary(self.trainer, config), flush=True)
+
+
+def _wandb_dir_follows_root(config, root: str) -> None:
+    """W&B files go under `trainer.default_root_dir`, like the checkpoints, unless the logger's save_dir is set."""
+    loggers = config.trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not hasattr(logger, "get") or "WandbLogger" not in str(logger.get("class_path", "")):
+            continue
+        init_args = logger.get("init_args")
+        if init_args is not None and not init_args.get("save_dir") and not init_args.get("dir"):
+            init_args.save_dir = root
 
 
 def cli_main(args: list[str] | None = None) -> None:

@@ -26,14 +26,15 @@ class WandbLogger(_LightningWandbLogger):
     Rows whose `trainer/global_step` an earlier job of the same run already logged are dropped (the resumed job
     trains those steps again), and W&B's own step continues after the earlier job's last one, offline too (read
     from the local run files) where W&B itself would start again at 0. Takes the same arguments; the CLI sets
-    `id` and `resume="allow"` when resuming from a checkpoint.
+    `id` and `resume="allow"` when resuming from a checkpoint. `save_dir` (where `wandb/` is made) defaults to None,
+    which the capline CLI replaces by `trainer.default_root_dir`.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, save_dir: str | None = None, **kwargs):
         mode = os.environ.get("WANDB_MODE")
         if mode:  # the environment wins over the config's `offline`, as W&B users expect
             kwargs["offline"] = mode in ("offline", "dryrun")
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, save_dir=save_dir, **kwargs)
         self._replayed_up_to: int | None = None  # last trainer step an earlier job logged
         self._wandb_step = 0
 

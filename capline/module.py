@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 DecoderFactory = Callable[[int, int], CaptionDecoder]
 
+# For values that are the same on every rank already (torchmetrics' compute() gathered them): Lightning syncs
+# epoch-level values (and warns when told not to); the max of equal values is exact, where a mean could round.
+ALREADY_REDUCED = {"sync_dist": True, "reduce_fx": "max"}
+
 
 def _as(cls, value):
     """A schedule from its dataclass, its dict (as stored in checkpoints) or None (the defaults)."""
@@ -223,9 +227,10 @@ class CaptionModule(L.LightningModule):
             datamodule.set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
-        totals = self.trainer.strategy.reduce(self.skipped.float().to(self.device), reduce_op="sum")  # all ranks
-        self.log("data/skipped", totals.sum(), rank_zero_only=True)
-        self.log_dict({f"data/skipped/{r}": n for r, n in zip(SKIP_REASONS, totals)}, rank_zero_only=True)
+        # This rank's counts; Lightning sums them over the ranks.
+        counts = self.skipped.float().to(self.device)
+        self.log("data/skipped", counts.sum(), sync_dist=True, reduce_fx="sum")
+        self.log_dict({f"data/skipped/{r}": n for r, n in zip(SKIP_REASONS, counts)}, sync_dist=True, reduce_fx="sum")
 
     # ---- evaluation -------------------------------------------------------------------------------------
     def _eval_step(self, batch: dict, stage: str) -> dict | None:
@@ -262,8 +267,8 @@ class CaptionModule(L.LightningModule):
         results = {f"{stage}/{k}": v.float() for k, v in self.caption_metrics[stage].compute().items()}
         results[f"{stage}/loss"] = self.eval_loss[stage].compute()
         cider = results.pop(f"{stage}/cider")
-        self.log_dict(results)
-        self.log(f"{stage}/cider", cider, prog_bar=True)
+        self.log_dict(results, **ALREADY_REDUCED)
+        self.log(f"{stage}/cider", cider, prog_bar=True, **ALREADY_REDUCED)
         warning = collapse_warning(
             float(cider), float(results[f"{stage}/cider_shuffled"]), float(results[f"{stage}/unique_captions"]),
             int(results[f"{stage}/num_images"]),
@@ -279,6 +284,8 @@ class CaptionModule(L.LightningModule):
         self._log_eval("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        if batch["images"].shape[0] == 0:
+            return []  # every image of the batch was unreadable
         generation = self.generate(batch["images"], self.beam_sizes["predict"])
         captions = [self.vocab.decode(row) for row in generation.tokens.tolist()]
         return [{"image_id": int(i), "caption": c} for i, c in zip(batch["image_ids"].tolist(), captions)]

@@ -11,6 +11,8 @@ from pathlib import Path
 import lightning as L
 import torch.distributed as dist
 
+from capline.module import ALREADY_REDUCED
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ class CocoTestResults(L.Callback):
             scores = self._score(rows)
         scores = trainer.strategy.broadcast(scores)
         if scores:
-            pl_module.log_dict({f"test/{name}": value for name, value in scores.items()})
+            pl_module.log_dict({f"test/{name}": value for name, value in scores.items()}, **ALREADY_REDUCED)
 
     @staticmethod
     def _gather(rows: list) -> list:

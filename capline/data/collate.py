@@ -194,7 +194,22 @@ def _shared_buffer(numel: int) -> torch.Tensor:
 
 class RecyclingDataLoader(DataLoader):
     """A `DataLoader` over a stream whose batcher has `ImageBuffers`: it frees a worker's batch buffer for reuse
-    once no tensor in this process refers to it any more (checked as each batch arrives)."""
+    once no tensor in this process refers to it any more (checked as each batch arrives).
+
+    With `stream_state` (the data module, for the training stream), it is resumable the way Lightning checks for:
+    `state_dict`/`load_state_dict` hand the stream's position to and from the checkpoint.
+    """
+
+    def __init__(self, *args, stream_state=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stream_state = stream_state
+
+    def state_dict(self) -> dict:
+        return self.stream_state.state_dict() if self.stream_state is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.stream_state is not None:
+            self.stream_state.load_state_dict(state_dict)
 
     def __iter__(self):
         buffers = getattr(getattr(self.dataset, "make_batch", None), "buffers", None)

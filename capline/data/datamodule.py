@@ -13,6 +13,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from capline.data.collate import CaptionBatcher, ImageTransform, RecyclingDataLoader
+from capline.data.images import ImageFileStream, NoImagesError, find_image_files
 from capline.data.pipeline import EvalStream, TrainStream
 from capline.vocab import Vocabulary
 
@@ -67,7 +68,9 @@ class CaptionDataModule(L.LightningDataModule):
         train_shards: Training shards: a brace pattern (`data/train-{000000..000099}.tar`), local or any URL
             webdataset opens, or a list.
         val_shards: Validation shards; every image is scored exactly once across all ranks.
-        test_shards: Test shards, read like validation.
+        test_shards: Test shards, read like validation (and by `capline predict` without `predict_images`).
+        predict_images: `capline predict` captions these image files instead of the test shards: a folder (its
+            JPEG, PNG and WebP files) or a glob (`photos/**/*.jpg`); every file once across all ranks.
         vocab: The `vocab.json` written by `tools/make_shards.py`.
         synthetic: Generate the embedded demo dataset on first use and read it (overrides the paths above).
         global_batch_size: Images per optimizer step over all devices; each device gets global / world size.
@@ -85,6 +88,7 @@ class CaptionDataModule(L.LightningDataModule):
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
         test_shards: str | list[str] | None = None,
+        predict_images: str | None = None,
         vocab: str | None = None,
         synthetic: SyntheticData | None = None,
         global_batch_size: int = 64,
@@ -121,6 +125,10 @@ class CaptionDataModule(L.LightningDataModule):
         self.vocab_file = str(vocab)
         patterns = {"train_shards": train_shards, "val_shards": val_shards, "test_shards": test_shards}
         self.shards = {name: expand_shards(pattern, name) if pattern else None for name, pattern in patterns.items()}
+        try:
+            self.predict_files = find_image_files(predict_images) if predict_images else None
+        except NoImagesError as err:
+            raise DataConfigError(str(err)) from None
         if global_batch_size < 1:
             raise DataConfigError(f"data.global_batch_size must be positive, got {global_batch_size}")
         self.save_hyperparameters()
@@ -181,7 +189,7 @@ class CaptionDataModule(L.LightningDataModule):
         )  # fmt: skip
         # The first epoch's loader iterator is created before on_train_epoch_start: position the stream now.
         self.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
-        return self._loader(self.train_stream)
+        return self._loader(self.train_stream, stream_state=self)  # resumable: Lightning saves its position
 
     def _eval_loader(self, name: str) -> DataLoader:
         stream = EvalStream(
@@ -197,14 +205,17 @@ class CaptionDataModule(L.LightningDataModule):
         return self._eval_loader("test_shards")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("test_shards")
+        if self.predict_files is None:
+            return self._eval_loader("test_shards")
+        batch_size = self.eval_batch_size or self.batch_size
+        return self._loader(ImageFileStream(self.predict_files, self.transform, batch_size, self.rank, self.world_size))
 
-    def _loader(self, stream) -> DataLoader:
+    def _loader(self, stream, stream_state=None) -> DataLoader:
         return RecyclingDataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=False,
             prefetch_factor=4 if self.num_workers else None,
             # Its own generator: creating workers must not draw from the global RNG, or a resumed run diverges.
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(self.seed), stream_state=stream_state,
         )  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
@@ -225,3 +236,5 @@ class CaptionDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         if "epoch" in state_dict:
             self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches"]))
+            if self.train_stream is not None:  # called by the loader, after train_dataloader positioned the stream
+                self.set_epoch(self.trainer.current_epoch if self.trainer is not None else self._resume_at[0])
