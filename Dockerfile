@@ -10,13 +10,15 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY capline ./capline
 COPY configs ./configs
 COPY tools ./tools
-# torch and torchvision come with the base image; pip keeps them.
+# Every other package at the version the test suite passed with (constraints.txt); torch, torchvision and their
+# CUDA libraries come with the base image, so their pins are left out and pip keeps the image's.
 # pycocoevalcap's PTB tokenizer writes temporary files into its own package folder: the user must own it.
-RUN pip install --no-cache-dir . \
+RUN grep -vE '^(torch|torchvision|triton|nvidia-|cuda-)' constraints.txt > /tmp/constraints.txt \
+    && pip install --no-cache-dir . -c /tmp/constraints.txt \
     && useradd --create-home --uid 1000 capline \
     && mkdir -p /app/runs /app/data \
     && chown -R capline:capline /app \

@@ -6,9 +6,12 @@ import difflib
 import re
 from pathlib import Path
 from typing import Any
+from urllib.error import URLError
 
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 from torch import nn
 
 
@@ -111,6 +114,10 @@ def create_backbone(model_name: str, pretrained: bool, overlay: dict | None, mod
     kwargs = {"num_classes": 0, "global_pool": "", **model_kwargs}
     try:
         return timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, URLError) as err:
+        if not pretrained or overlay is not None:
+            raise
+        raise EncoderConfigError(_weights_unreachable(model_name, err)) from None
     except TypeError as err:
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
         if unexpected is None:
@@ -119,3 +126,19 @@ def create_backbone(model_name: str, pretrained: bool, overlay: dict | None, mod
             f"timm model {model_name!r} does not take the keyword argument {unexpected.group(1)!r} "
             f"(model.encoder.init_args.model_kwargs); see its constructor in timm for the ones it does"
         ) from None
+
+
+def _weights_unreachable(model_name: str, err: Exception) -> str:
+    """One sentence for a compute node without network: which weights, where they were looked for, the ways out."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        source = f"{cfg.hf_hub_id} on the Hugging Face hub" if cfg.hf_hub_id else (cfg.url or "its download URL")
+    except Exception:  # a name timm builds but describes differently: the sentence stays useful without it
+        source = "the Hugging Face hub"
+    why = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else f"no network ({type(err).__name__})"
+    return (
+        f"the pretrained weights of timm model {model_name!r} ({source}) are not in the local Hugging Face cache "
+        f"{hf_constants.HF_HUB_CACHE} and cannot be downloaded: {why}; download them once where there is network, "
+        f"with the same HF_HOME: python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\", "
+        f"then run with HF_HUB_OFFLINE=1, or set model.encoder.init_args.checkpoint_path to a local weights file"
+    )
