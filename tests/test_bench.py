@@ -82,3 +82,20 @@ def test_table_marks_misses_reports_and_unmeasured(bench):
     lines = table.splitlines()[1:]
     assert lines[0].split()[-1] == "MISS" and lines[1].split()[-1] == "report"
     assert "not measured" in lines[2] and "(no CUDA device)" in lines[2]
+
+
+def test_scst_rows_compare_scst_and_cross_entropy_steps_and_report_the_reward_share(bench, capsys, monkeypatch):
+    scst = importlib.import_module("tools.benchmarks.scst")  # shrunk: one step of each on 4 images, small corpus
+    monkeypatch.setattr(scst, "WARMUP_STEPS", 0)
+    monkeypatch.setattr(scst, "CORPUS_IMAGES", 20)
+    monkeypatch.setattr(scst, "make_batches", functools.partial(scst.make_batches, batch_size=4))
+    monkeypatch.setattr(scst, "run", functools.partial(scst.run, steps=1))
+    bench.main(["--json", "--only", "scst"])
+    by_name = {row["name"]: row for row in json_rows(capsys)}
+    for decoder in ("show_tell", "attention"):
+        ratio, share = by_name[f"scst_step_vs_xe_step_{decoder}"], by_name[f"scst_reward_share_{decoder}"]
+        check_row(ratio)
+        assert ratio["goal"] == 2.5 and ratio["ok"] == (ratio["value"] <= 2.5)
+        scst_ms, xe_ms = by_name[f"scst_step_ms_{decoder}"]["value"], by_name[f"xe_step_ms_{decoder}"]["value"]
+        assert ratio["value"] == pytest.approx(scst_ms / xe_ms)
+        assert share["goal"] == "report" and 0 < share["value"] < 1

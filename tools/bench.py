@@ -3,7 +3,7 @@
     python tools/bench.py                        # every benchmark at full size
     python tools/bench.py --quick                # under 10 minutes on 2 CPU cores
     python tools/bench.py --quick --json         # the table, then every row as JSON on the last line
-    python tools/bench.py --only data overhead   # some of: data overhead beam cider sampling gpu
+    python tools/bench.py --only data overhead   # some of: data overhead beam cider sampling scst gpu
 
 A row is `{"name", "value", "goal", "ok"}` (and sometimes a `note`): `goal` is a number, or "report" for a figure
 without one; `value` and `ok` are null when the row was not measured (no GPU, or the benchmark failed).
@@ -35,6 +35,7 @@ BENCHMARKS = {
     "beam": "tools.benchmarks.beam",  # batched vs per-image beam search
     "cider": "tools.benchmarks.cider",  # cider_d vs pycocoevalcap
     "sampling": "tools.benchmarks.sampling",  # scheduled sampling vs teacher forcing step time
+    "scst": "tools.benchmarks.scst",  # SCST step vs cross-entropy step time, the reward's share
     "gpu": "tools.benchmarks.gpu",  # images/s per GPU and data wait (CUDA only)
 }
 
