@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from capline.checkpoints import check_compatible
 from capline.data.decode import SKIP_REASONS
-from capline.metrics import CaptionMetrics
+from capline.metrics import CaptionMetrics, SceneTruth
 from capline.metrics.diagnostics import collapse_warning
 from capline.metrics.reward import CiderReward, training_reward
 from capline.models import CaptionDecoder, TimmEncoder, beam_search, greedy_search
@@ -100,6 +100,8 @@ class CaptionModule(L.LightningModule):
         self.max_len, self.length_penalty = max_len, length_penalty
         self.beam_sizes = {"val": val_beam_size, "test": test_beam_size, "predict": test_beam_size}
         self.caption_metrics = nn.ModuleDict({s: CaptionMetrics(max_len=max_len) for s in ("val", "test")})
+        # Is each caption true of its scene? Only for data whose samples carry the scene (the synthetic demo).
+        self.scene_truth = nn.ModuleDict({s: SceneTruth(self.vocab.words) for s in ("val", "test")})
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         # A plain tensor, not a buffer: DDP would overwrite every rank's counts with rank 0's.
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
@@ -246,6 +248,11 @@ class CaptionModule(L.LightningModule):
         else:
             generation = beam_search(self.decoder, features, beam, self.max_len, self.length_penalty)
         self.caption_metrics[stage].update(generation.tokens, batch["refs"], batch["image_ids"])
+        if "scenes" in batch:
+            self.scene_truth[stage].update(
+                generation.tokens, batch["scenes"], batch["image_ids"], generation.alphas, batch["scene_boxes"],
+                tuple(features.shape[-2:]),
+            )  # fmt: skip
         return {"tokens": generation.tokens}
 
     def validation_step(self, batch: dict, batch_idx: int):
@@ -256,10 +263,12 @@ class CaptionModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.caption_metrics["val"].reset()
+        self.scene_truth["val"].reset()
         self.eval_loss["val"].reset()
 
     def on_test_epoch_start(self) -> None:
         self.caption_metrics["test"].reset()
+        self.scene_truth["test"].reset()
         self.eval_loss["test"].reset()
 
     def _log_eval(self, stage: str) -> dict:
@@ -277,11 +286,23 @@ class CaptionModule(L.LightningModule):
             log.warning("%s at step %d: %s", stage, self.global_step, warning)
         return results
 
+    def _log_scene_truth(self, stage: str) -> None:
+        # Every rank takes the same decision (a sum over ranks), so compute's collective runs on all or none.
+        metric = self.scene_truth[stage]
+        updates = torch.tensor(float(metric.update_count), device=self.device)
+        if float(self.trainer.strategy.reduce(updates, reduce_op="sum")) == 0:
+            return  # data without scene attributes
+        results = metric.compute()
+        results.pop("num_scenes")
+        self.log_dict({f"{stage}/{name}": value.float() for name, value in results.items()})
+
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
+        self._log_scene_truth("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+        self._log_scene_truth("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         if batch["images"].shape[0] == 0:

@@ -2,7 +2,8 @@
 
     python tools/ablation.py [--steps 600] [--out runs/ablation] [--only NAME ...]
 
-Prints a Markdown table of the final `val/cider` (and the best single constant caption's CIDEr-D for scale).
+Prints a Markdown table of the final `val/cider`, `val/cider_shuffled`, `val/unique_captions` and whether the
+captions are true: `val/scene_accuracy`, `val/objects_correct`, `val/relation_correct`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ ROWS = {
 }
 
 
+METRICS = ("val/cider", "val/cider_shuffled", "val/unique_captions", "val/scene_accuracy", "val/objects_correct",
+           "val/relation_correct")  # fmt: skip
+
+
 def run_row(name: str, overrides: list[str], steps: int, out: Path) -> dict:
     run_dir = out / name
     args = [
@@ -42,9 +47,7 @@ def run_row(name: str, overrides: list[str], steps: int, out: Path) -> dict:
         raise RuntimeError(f"{name} failed:\n{result.stderr[-2000:]}")
     run_file = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))[-1]
     history = read_wandb_run(run_file)["history"]
-    values = {
-        k: [row[k] for row in history if k in row] for k in ("val/cider", "val/cider_shuffled", "val/unique_captions")
-    }
+    values = {k: [row[k] for row in history if k in row] for k in METRICS}
     return {"name": name, "minutes": minutes, **{k: v[-1] for k, v in values.items() if v}}
 
 
@@ -55,11 +58,11 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=list(ROWS))
     args = parser.parse_args()
     rows = [run_row(name, ROWS[name], args.steps, Path(args.out)) for name in args.only]
-    print(f"| run ({args.steps} steps) | val/cider | val/cider_shuffled | val/unique_captions | minutes |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"| run ({args.steps} steps) | " + " | ".join(m.removeprefix("val/") for m in METRICS) + " | minutes |")
+    print("| --- " * (len(METRICS) + 2) + "|")
     for r in rows:
-        print(f"| {r['name']} | {r['val/cider']:.3f} | {r['val/cider_shuffled']:.3f} | "
-              f"{r['val/unique_captions']:.3f} | {r['minutes']:.1f} |")  # fmt: skip
+        cells = " | ".join(f"{r[m]:.3f}" if m in r else "" for m in METRICS)
+        print(f"| {r['name']} | {cells} | {r['minutes']:.1f} |")
     return 0
 
 

@@ -7,12 +7,16 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 
+from capline.metrics.scene_truth import judge_caption
+
 COLUMNS = ["kind", "image_id", "image", "generated", "references", "cider"]
 
 
 class CaptionSamples(L.Callback):
     """Logs `val/samples` at every validation: the best and worst captioned images and a fixed set of images
-    tracked across validations, so a run's progress can be read image by image.
+    tracked across validations, so a run's progress can be read image by image. For synthetic scenes (batches
+    that carry `scenes`) a `true` column says whether each caption is true of its scene (`judge_caption`): a
+    high CIDEr-D alone does not make a caption right.
 
     Only rank 0 logs, from the images it scored itself; the per-sample CIDEr-D uses the document frequencies of
     the whole validation set.
@@ -43,9 +47,11 @@ class CaptionSamples(L.Callback):
         if not trainer.is_global_zero or outputs is None or trainer.sanity_checking:
             return
         images = self._thumbnails(batch["images"])
+        scenes = batch["scenes"].tolist() if "scenes" in batch else None
         for i, image_id in enumerate(batch["image_ids"].tolist()):
             caption = pl_module.vocab.decode(outputs["tokens"][i].tolist())
-            self._seen[image_id] = (images[i], caption, batch["captions"][i])
+            true = judge_caption(caption.split(), scenes[i])[0] if scenes is not None else None
+            self._seen[image_id] = (images[i], caption, batch["captions"][i], true)
 
     def _thumbnails(self, images: torch.Tensor) -> torch.Tensor:
         scale = self.thumbnail / max(images.shape[-2:])
@@ -71,14 +77,17 @@ class CaptionSamples(L.Callback):
         rows = [("best", i) for _, i in scored[: self.num_best]]
         rows += [("worst", i) for _, i in scored[::-1][: self.num_worst]]
         rows += [("tracked", i) for i in self.tracked if i in self._seen]
-        self.last_rows = [self._row(kind, i, score_of.get(i, float("nan"))) for kind, i in rows]
+        with_truth = all(seen[3] is not None for seen in self._seen.values())
+        self.columns = COLUMNS + ["true"] if with_truth else COLUMNS
+        self.last_rows = [self._row(kind, i, score_of.get(i, float("nan")), with_truth) for kind, i in rows]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
 
                 data = [[*r[:2], wandb.Image(r[2].permute(1, 2, 0).numpy()), *r[3:]] for r in self.last_rows]
-                logger.log_table("val/samples", columns=COLUMNS, data=data, step=trainer.global_step)
+                logger.log_table("val/samples", columns=self.columns, data=data, step=trainer.global_step)
 
-    def _row(self, kind: str, image_id: int, score: float) -> list:
-        image, caption, references = self._seen[image_id]
-        return [kind, image_id, image, caption, " | ".join(references), score]
+    def _row(self, kind: str, image_id: int, score: float, with_truth: bool) -> list:
+        image, caption, references, true = self._seen[image_id]
+        row = [kind, image_id, image, caption, " | ".join(references), score]
+        return row + [bool(true)] if with_truth else row

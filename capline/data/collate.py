@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from capline.data.decode import SkipCounter, SkipSample, decode_sample
 from capline.data.pipeline import pad_sequences, stable_seed
+from capline.data.synthetic import encode_scene
 from capline.vocab import Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,16 @@ class ImageTransform:
         out = np.empty((self.size, self.size, 3), np.uint8)
         self.write(img, out)
         return torch.from_numpy(out).permute(2, 0, 1)
+
+    def input_box(self, box: list[float], width: int, height: int) -> list[float]:
+        """Maps a box `[x0, y0, x1, y1]` in fractions of a `width` x `height` image to fractions of the model
+        input this transform makes of it (after the resize and centre crop), clipped to it."""
+        scale = self.resize_to / min(width, height)
+        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        x0, y0, x1, y1 = box
+        mapped = [(x0 * new_w - left), (y0 * new_h - top), (x1 * new_w - left), (y1 * new_h - top)]
+        return [min(max(v / self.size, 0.0), 1.0) for v in mapped]
 
     def write(self, img: Image.Image, out: np.ndarray) -> None:
         """Writes the resized and cropped image into `out`, a uint8 (H, W, 3) array."""
@@ -102,7 +113,7 @@ class CaptionBatcher:
     def __call__(self, raw_samples: list[dict], counter: SkipCounter, epoch: int) -> dict:
         size = self.transform.size
         images, slot = self.buffers.get(len(raw_samples), size)
-        tokens, refs, captions, ids, keys = [], [], [], [], []
+        tokens, refs, captions, ids, keys, scenes = [], [], [], [], [], []
         for raw in raw_samples:
             try:
                 sample = decode_sample(raw, draft_size=self.transform.resize_to)
@@ -120,6 +131,7 @@ class CaptionBatcher:
             if not self.train:
                 refs.append([reference_ids(c, self.vocab, self.max_len) for c in sample.captions[: self.max_refs]])
                 captions.append(sample.captions)
+                scenes.append(self._scene(sample))
             ids.append(sample.image_id)
             keys.append(sample.key)
         batch = {
@@ -136,7 +148,17 @@ class CaptionBatcher:
         if not self.train:
             batch["refs"] = _pad_refs(refs, self.max_refs, self.max_len)
             batch["captions"] = captions
+            if scenes and all(scene is not None for scene in scenes):  # synthetic scenes: their truth travels along
+                batch["scenes"] = torch.tensor([codes for codes, _ in scenes], dtype=torch.long)  # (B, 7)
+                batch["scene_boxes"] = torch.tensor([boxes for _, boxes in scenes], dtype=torch.float32)  # (B, 2, 4)
         return batch
+
+    def _scene(self, sample) -> tuple[list[int], list[list[float]]] | None:
+        encoded = encode_scene(sample.scene)
+        if encoded is None:
+            return None
+        width, height = sample.image.size
+        return encoded[0], [self.transform.input_box(box, width, height) for box in encoded[1]]
 
 
 class ImageBuffers:

@@ -58,6 +58,7 @@ class Sample:
     image_id: int
     image: Image.Image
     captions: list[str]
+    scene: dict | None = None  # what the synthetic generator drew (`synthetic.scene_record`), when the json has it
 
 
 def image_id_to_int(image_id) -> int:
@@ -71,8 +72,8 @@ def image_id_to_int(image_id) -> int:
     return zlib.crc32(str(image_id).encode("utf-8", "surrogatepass")) & 0x7FFFFFFF  # JSON may hold "\ud800"
 
 
-def parse_meta(raw: bytes | None) -> tuple[int, list[str]]:
-    """Parses `<key>.json`; returns (image_id, non-empty captions) or raises `SkipSample`."""
+def parse_meta(raw: bytes | None) -> tuple[int, list[str], dict | None]:
+    """Parses `<key>.json`; returns (image_id, non-empty captions, scene or None) or raises `SkipSample`."""
     if raw is None:
         raise SkipSample("missing_captions", "no .json member")
     try:
@@ -84,7 +85,8 @@ def parse_meta(raw: bytes | None) -> tuple[int, list[str]]:
     captions = [c.strip() for c in meta["captions"] if isinstance(c, str) and c.strip()]
     if not captions:
         raise SkipSample("empty_captions", "no non-empty caption")
-    return image_id_to_int(meta.get("image_id")), captions
+    scene = meta.get("scene")
+    return image_id_to_int(meta.get("image_id")), captions, scene if isinstance(scene, dict) else None
 
 
 def open_image(raw: bytes, draft_size: int | None = None) -> Image.Image:
@@ -125,8 +127,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def decode_sample(raw: dict, draft_size: int | None = None) -> Sample:
     """Decodes a raw sample dict (`__key__`, `jpg`/`png`, `json` bytes) or raises `SkipSample`."""
-    image_id, captions = parse_meta(raw.get("json"))
+    image_id, captions, scene = parse_meta(raw.get("json"))
     data = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
     if data is None:
         raise SkipSample("missing_image", "no .jpg or .png member")
-    return Sample(raw["__key__"], image_id, open_image(data, draft_size), captions)
+    return Sample(raw["__key__"], image_id, open_image(data, draft_size), captions, scene)

@@ -44,7 +44,7 @@ _NOISE_STD = 6.0
 _MARGIN = 0.03  # free border, as a fraction of the image side
 _GAP = 0.06  # free band between the two halves the objects are placed in
 VAL_INDEX_OFFSET = 1_000_000_000  # validation scene i is scene VAL_INDEX_OFFSET + i: never a training scene
-GENERATOR_VERSION = 1  # bump when drawing or captions change, so that stored datasets are regenerated
+GENERATOR_VERSION = 2  # bump when drawing or captions change, so that stored datasets are regenerated
 MANIFEST_NAME = "synthetic.json"
 
 
@@ -58,7 +58,7 @@ def generate_scene(index: int, seed: int = 0, image_size: int = 64) -> tuple[Ima
             `(seed, index)` gives the same scene at every size.
 
     Returns:
-        `(image, captions, attributes)`, where `attributes` is `{"index", "seed", "relation", "objects":
+        `(image, captions, attributes)`, where `attributes` is `{"index", "seed", "image_size", "relation", "objects":
         [{"shape", "colour", "size", "bbox": [x0, y0, x1, y1]}, ...], "background": {"kind", "noise"}}`, bbox
         in pixels with x1, y1 exclusive, and the relation that of `objects[0]` to `objects[1]`.
     """
@@ -73,7 +73,10 @@ def generate_scene(index: int, seed: int = 0, image_size: int = 64) -> tuple[Ima
     draw = ImageDraw.Draw(image)
     for obj in objects:
         _draw_shape(draw, obj["shape"], obj["bbox"], COLOURS[obj["colour"]])
-    attributes = {"index": index, "seed": seed, "relation": relation, "objects": objects, "background": background}
+    attributes = {
+        "index": index, "seed": seed, "image_size": image_size, "relation": relation, "objects": objects,
+        "background": background,
+    }  # fmt: skip
     return image, scene_captions(objects[0], objects[1], relation), attributes
 
 
@@ -85,8 +88,9 @@ def scene_captions(first: dict, second: dict, relation: str) -> list[str]:
         second: The same for the second object.
         relation: One of `RELATIONS`.
     """
-    a_short, b_short = f"{first['colour']} {first['shape']}", f"{second['colour']} {second['shape']}"
-    a_full, b_full = f"{first['size']} {a_short}", f"{second['size']} {b_short}"
+    # Every wording names both objects' size, colour and shape, so each caption states the whole scene.
+    a_full = f"{first['size']} {first['colour']} {first['shape']}"
+    b_full = f"{second['size']} {second['colour']} {second['shape']}"
     flipped = _INVERSE[relation]
     long_phrase = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
     short_phrase = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
@@ -96,10 +100,46 @@ def scene_captions(first: dict, second: dict, relation: str) -> list[str]:
     return [
         f"a {a_full} {long_phrase[relation]} a {b_full}",
         f"a {b_full} is {long_phrase[flipped]} a {a_full}",
-        f"there is a {a_short} {short_phrase[relation]} a {b_short}",
-        f"a {a_short} and a {b_short} {pairing} with the {first['shape']} {side[relation]}",
+        f"there is a {a_full} {short_phrase[relation]} a {b_full}",
+        f"a {a_full} and a {b_full} {pairing} with the {first['shape']} {side[relation]}",
         f"a {b_full} with a {a_full} {beside_it[relation]}",
     ]
+
+
+def scene_record(attributes: dict) -> dict:
+    """The part of `generate_scene`'s attributes that says what is true of the scene, as stored in the shards:
+    `{"relation", "image_size", "objects": [{"shape", "colour", "size", "bbox"}, ...]}`."""
+    keep = ("shape", "colour", "size", "bbox")
+    objects = [{k: obj[k] for k in keep} for obj in attributes["objects"]]
+    return {"relation": attributes["relation"], "image_size": attributes["image_size"], "objects": objects}
+
+
+def encode_scene(scene: dict | None) -> tuple[list[int], list[list[float]]] | None:
+    """A scene record as batch-ready numbers, or None when it is not a well-formed record of this generator.
+
+    Returns:
+        `(codes, boxes)`: codes `[shape0, colour0, size0, shape1, colour1, size1, relation]` as indices into
+        `SHAPES`, `COLOURS`, `SIZES` and `RELATIONS`; boxes `[[x0, y0, x1, y1], ...]` as fractions of the image.
+    """
+    try:
+        objects, side = scene["objects"], float(scene["image_size"])
+        codes = []
+        for obj in objects:
+            codes += [SHAPES.index(obj["shape"]), list(COLOURS).index(obj["colour"]), list(SIZES).index(obj["size"])]
+        codes.append(RELATIONS.index(scene["relation"]))
+        boxes = [[float(v) / side for v in obj["bbox"]] for obj in objects]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return (codes, boxes) if len(objects) == 2 and all(len(b) == 4 for b in boxes) else None
+
+
+def decode_scene(codes: list[int]) -> tuple[dict, dict, str]:
+    """`(first, second, relation)` of `encode_scene` codes, as `scene_captions` takes them."""
+    first, second = (
+        {"shape": SHAPES[codes[i]], "colour": list(COLOURS)[codes[i + 1]], "size": list(SIZES)[codes[i + 2]]}
+        for i in (0, 3)
+    )
+    return first, second, RELATIONS[codes[6]]
 
 
 def _draw_layout(rng: np.random.Generator, image_size: int) -> tuple[list[dict], str]:
@@ -235,9 +275,10 @@ def _write_split(out_dir: Path, split: str, indices: range, seed: int, image_siz
     all_captions = []
     with ShardWriter(out_dir, split, shard_size) as writer:
         for index in indices:
-            image, captions, _ = generate_scene(index, seed, image_size)
-            # The key is the scene index itself: unique across splits and enough to redraw the scene.
-            meta = {"image_id": index, "captions": captions}
+            image, captions, attributes = generate_scene(index, seed, image_size)
+            # The key is the scene index itself: unique across splits and enough to redraw the scene. The scene's
+            # attributes travel with it, so evaluation can check whether a caption is true (`scene_truth`).
+            meta = {"image_id": index, "captions": captions, "scene": scene_record(attributes)}
             writer.write((f"{index:010d}", encode_jpeg(image, full_chroma=True), "jpg", meta))
             all_captions.extend(captions)
     return all_captions

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from capline.metrics.caption_metric import CaptionMetrics
     from capline.metrics.cider import CiderD, cider_d
     from capline.metrics.coco_eval import evaluate_coco, load_coco_references, load_coco_results
+    from capline.metrics.scene_truth import SceneTruth
 
 _MODULE_OF = {
     "CaptionMetrics": "caption_metric",
@@ -20,6 +21,7 @@ _MODULE_OF = {
     "evaluate_coco": "coco_eval",
     "load_coco_references": "coco_eval",
     "load_coco_results": "coco_eval",
+    "SceneTruth": "scene_truth",
 }
 __all__ = list(_MODULE_OF)
 

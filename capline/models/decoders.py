@@ -142,6 +142,12 @@ class AttentionDecoder(CaptionDecoder):
         hidden_dim: LSTM hidden size.
         attention_dim: Size of the additive attention's hidden layer.
         dropout: Dropout before the output layer and on embeddings.
+        positions: Append each feature-map cell's (x, y) centre, in [-1, 1], to its features (as CoordConv
+            does), so the attended context says where the model looks: what "left of" and "above" need.
+            A CNN's features carry position only weakly (through its padding).
+        init_layout: 0 starts the LSTM from the mean of the feature map (Xu et al.); k > 0 from a learned
+            projection of the map average-pooled to k x k cells (like the fully connected layers of the VGG
+            net of the paper, which see the whole map): the initial state then knows where things are.
     """
 
     image_state = ("feats", "feats_proj")
@@ -154,28 +160,38 @@ class AttentionDecoder(CaptionDecoder):
         hidden_dim: int = 512,
         attention_dim: int = 512,
         dropout: float = 0.3,
+        positions: bool = False,
+        init_layout: int = 0,
     ):
         super().__init__()
+        if init_layout < 0:
+            raise ValueError(f"init_layout must be 0 (mean features) or a grid side >= 1, got {init_layout}")
         self.vocab_size = vocab_size
+        self.positions = positions
+        feature_dim += 2 if positions else 0
+        self.layout = nn.AdaptiveAvgPool2d(init_layout) if init_layout else None
+        init_dim = feature_dim * init_layout**2 if init_layout else feature_dim
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.feature_proj = nn.Linear(feature_dim, attention_dim)
         self.hidden_proj = nn.Linear(hidden_dim, attention_dim)
         self.score = nn.Linear(attention_dim, 1)
         self.gate = nn.Linear(hidden_dim, feature_dim)  # the paper's beta gate on the context
-        self.init_h = nn.Linear(feature_dim, hidden_dim)
-        self.init_c = nn.Linear(feature_dim, hidden_dim)
+        self.init_h = nn.Linear(init_dim, hidden_dim)
+        self.init_c = nn.Linear(init_dim, hidden_dim)
         self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_dim, vocab_size)
 
     def init_state(self, features: torch.Tensor) -> State:
+        if self.positions:
+            features = torch.cat([features, _cell_centres(features)], dim=1)  # (B, C + 2, h, w)
         feats = features.flatten(2).transpose(1, 2)  # (B, N, C) with N = h*w
-        mean = feats.mean(dim=1)
+        summary = feats.mean(dim=1) if self.layout is None else self.layout(features).flatten(1)  # (B, C * k * k)
         return {
             "feats": feats,
             "feats_proj": self.feature_proj(feats),  # (B, N, A): computed once, reused at every word
-            "h": torch.tanh(self.init_h(mean)),
-            "c": torch.tanh(self.init_c(mean)),
+            "h": torch.tanh(self.init_h(summary)),
+            "c": torch.tanh(self.init_c(summary)),
             "alpha": feats.new_zeros(feats.shape[:2]),
         }
 
@@ -228,3 +244,12 @@ class AttentionDecoder(CaptionDecoder):
             state = self._advance(embedded[:, t], state)
             hidden.append(state["h"])
         return self.head(self.dropout(torch.stack(hidden, dim=1)))  # (B, T, V)
+
+
+def _cell_centres(features: torch.Tensor) -> torch.Tensor:
+    """(B, 2, h, w): the x and y of each cell's centre, from -1 (left, top) to 1 (right, bottom)."""
+    batch, _, h, w = features.shape
+    ys = (torch.arange(h, device=features.device, dtype=features.dtype) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, device=features.device, dtype=features.dtype) + 0.5) / w * 2 - 1
+    grid = torch.stack([xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w)])  # (2, h, w)
+    return grid.unsqueeze(0).expand(batch, 2, h, w)

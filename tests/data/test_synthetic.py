@@ -53,7 +53,7 @@ def test_captions_follow_the_attributes():
         assert captions[4].startswith(f"a {b_full} with a {a_full}")
         for caption in captions:
             words = set(tokenize(caption))
-            assert {a["colour"], a["shape"], b["colour"], b["shape"]} <= words
+            assert {a["colour"], a["shape"], b["colour"], b["shape"], a["size"], b["size"]} <= words
             # No caption may name an attribute the image does not show.
             assert words & set(COLOURS) == {a["colour"], b["colour"]}
             assert words & set(SHAPES) == {a["shape"], b["shape"]}
@@ -67,8 +67,8 @@ def test_side_and_relation_words_of_every_caption():
     assert scene_captions(first, second, "left") == [
         "a small red circle to the left of a large blue square",
         "a large blue square is to the right of a small red circle",
-        "there is a red circle left of a blue square",
-        "a red circle and a blue square side by side with the circle on the left",
+        "there is a small red circle left of a large blue square",
+        "a small red circle and a large blue square side by side with the circle on the left",
         "a large blue square with a small red circle to its left",
     ]
     assert scene_captions(first, second, "below")[3].endswith("one above the other with the circle at the bottom")

@@ -16,6 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli_runner import CAPLINE  # noqa: E402
 from wandb_records import read_run, run_files, series  # noqa: E402
 
+from capline.data.synthetic import VAL_INDEX_OFFSET, encode_scene, generate_scene, scene_record  # noqa: E402
+from capline.metrics.scene_truth import judge_caption  # noqa: E402
+from capline.vocab import tokenize  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -75,6 +79,12 @@ def test_fit_logs_losses_and_caption_metrics_to_offline_wandb(trained):
     assert series(run, "val/num_images") == [48, 48]  # every validation image scored once
     for key in ("train/lr", "train/ss_prob", "train/encoder_trainable", "val/loss", "data/skipped"):
         assert series(run, key), key
+    # The synthetic shards carry each scene's truth: whether captions are true is logged at every validation.
+    for key in ("val/scene_accuracy", "val/objects_correct", "val/relation_correct"):
+        values = series(run, key)
+        assert len(values) == 2 and all(0 <= v <= 1 for v in values), (key, values)
+    uniform = series(run, "val/attention_uniform")  # measured on true captions only: maybe none this early
+    assert all(0 < u < 0.5 for u in uniform), uniform
     config = run["config"]["config"]
     assert config["trainer"]["max_steps"] == 24 and config["data"]["global_batch_size"] == 16
 
@@ -84,13 +94,19 @@ def test_validation_samples_table_has_images_captions_references_and_cider(train
     tables = sorted((run_dir / "files/media/table/val").glob("samples_*.table.json"))
     assert len(tables) == 2  # one per validation
     table = json.loads(tables[-1].read_text())
-    assert table["columns"] == ["kind", "image_id", "image", "generated", "references", "cider"]
+    assert table["columns"] == ["kind", "image_id", "image", "generated", "references", "cider", "true"]
     assert len(table["data"]) >= 16
     kinds = {row[0] for row in table["data"]}
     assert kinds == {"best", "worst", "tracked"}
     best = [row[5] for row in table["data"] if row[0] == "best"]
     worst = [row[5] for row in table["data"] if row[0] == "worst"]
     assert min(best) >= max(worst)
+    # The `true` column is the generator's verdict on each generated caption, whatever its CIDEr-D.
+    for row in table["data"]:
+        _, captions, attributes = generate_scene(row[1] - VAL_INDEX_OFFSET)
+        codes, _ = encode_scene(scene_record(attributes))
+        assert row[6] == judge_caption(tokenize(row[3]), codes)[0], row[3]
+        assert row[4] == " | ".join(captions)
 
 
 def test_capline_test_scores_a_checkpoint(trained):
