@@ -294,7 +294,7 @@ class CaptionModule(L.LightningModule):
             return  # data without scene attributes
         results = metric.compute()
         results.pop("num_scenes")
-        self.log_dict({f"{stage}/{name}": value.float() for name, value in results.items()})
+        self.log_dict({f"{stage}/{name}": value.float() for name, value in results.items()}, **ALREADY_REDUCED)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
