@@ -51,7 +51,7 @@ def _upscaled(model_input: torch.Tensor) -> np.ndarray:
 
 def scene_grid(judged: list[tuple[CaptionResult, bool]], columns: int = 4) -> Figure:
     rows = -(-len(judged) // columns)
-    figure = Figure(figsize=(columns * 2.6, rows * 3.0), dpi=100)
+    figure = Figure(figsize=(columns * 2.6, rows * 3.4), dpi=80)
     true_count = sum(true for _, true in judged)
     figure.suptitle(f"{true_count} of {len(judged)} captions true (first {len(judged)} validation scenes)", fontsize=12)
     for index, (result, true) in enumerate(judged):
@@ -76,7 +76,7 @@ def attention_strip(result: CaptionResult, columns: int = 8) -> Figure:
     heatmaps = F.interpolate(weights, size=(PANEL_PX, PANEL_PX), mode="bilinear", align_corners=False)[:, 0]
     rows = -(-len(result.tokens) // columns)
     grid = "x".join(map(str, result.attention.shape[1:]))
-    figure = Figure(figsize=(columns * 1.6, rows * 1.9 + 0.4), dpi=100)
+    figure = Figure(figsize=(columns * 1.6, rows * 1.9 + 0.4), dpi=80)
     figure.suptitle(f"where the decoder looks for each word ({grid} feature grid): \"{result.caption}\"", fontsize=10)
     for index, (word, heatmap) in enumerate(zip(result.tokens, heatmaps.numpy())):
         ax = figure.add_subplot(rows, columns, index + 1)
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if shown is not None:
         panels.append(_render(attention_strip(shown)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    stack(panels).save(args.out, optimize=True)
+    # An adaptive 256-colour palette keeps the committed PNG small (the heatmaps are smooth, the scenes flat).
+    stack(panels).quantize(256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
     print(f"wrote {args.out}: {sum(t for _, t in judged)} of {len(judged)} captions true")
     return 0
 

@@ -103,7 +103,8 @@ def test_validation_samples_table_has_images_captions_references_and_cider(train
     assert min(best) >= max(worst)
     # The `true` column is the generator's verdict on each generated caption, whatever its CIDEr-D.
     for row in table["data"]:
-        _, captions, attributes = generate_scene(row[1] - VAL_INDEX_OFFSET)
+        assert row[1] >= VAL_INDEX_OFFSET  # validation scenes are never training scenes
+        _, captions, attributes = generate_scene(row[1])
         codes, _ = encode_scene(scene_record(attributes))
         assert row[6] == judge_caption(tokenize(row[3]), codes)[0], row[3]
         assert row[4] == " | ".join(captions)
