@@ -214,9 +214,11 @@ def annotate(image: Image.Image, caption: str) -> Image.Image:
 
 def attention_figure(model_input: torch.Tensor, tokens: list[str], attention: np.ndarray) -> Figure:
     """One panel per generated word: its attention weights, upsampled from the feature grid, over the model's
-    input crop. A bare `Figure` renders with Agg and touches no pyplot global state."""
-    picture = model_input.permute(1, 2, 0).numpy()  # (S, S, 3) uint8, the crop the grid refers to
-    side = picture.shape[0]
+    input crop. Both are drawn at the panel's resolution (the crop enlarged pixel for pixel), so a 64 px input
+    stays sharp under the heatmap. A bare `Figure` renders with Agg and touches no pyplot global state."""
+    side = max(ATTENTION_PANEL_PX, model_input.shape[-1])
+    crop = model_input.unsqueeze(0).float()  # (1, 3, S, S), the crop the grid refers to
+    picture = F.interpolate(crop, size=(side, side), mode="nearest")[0].permute(1, 2, 0).byte().numpy()
     weights = torch.from_numpy(attention).float().unsqueeze(1)  # (L, 1, h, w)
     heatmaps = F.interpolate(weights, size=(side, side), mode="bilinear", align_corners=False)[:, 0].numpy()
     panels = [("image", None), *zip(tokens, heatmaps)]
@@ -228,7 +230,7 @@ def attention_figure(model_input: torch.Tensor, tokens: list[str], attention: np
         ax = figure.add_subplot(rows, cols, index + 1)
         ax.imshow(picture)
         if heatmap is not None:
-            ax.imshow(heatmap, cmap="jet", alpha=0.55, vmin=0.0, vmax=max(float(heatmap.max()), 1e-8))
+            ax.imshow(heatmap, cmap="inferno", alpha=0.5, vmin=0.0, vmax=max(float(heatmap.max()), 1e-8))
         ax.set_title(word, fontsize=12)
         ax.axis("off")
     figure.tight_layout()

@@ -21,11 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOW_TELL = ["--model.decoder.class_path", "capline.models.ShowTellDecoder",
              "--model.decoder.init_args.embed_dim", "256", "--model.decoder.init_args.hidden_dim", "256"]  # fmt: skip
 NO_SAMPLING = ["--model.scheduled_sampling.schedule", "none"]
+PLAIN_ATTENTION = ["--model.decoder.init_args.positions", "false", "--model.decoder.init_args.init_layout", "0"]
 ROWS = {
     "show_tell_frozen_cnn": SHOW_TELL + NO_SAMPLING + ["--model.encoder_finetuning.freeze_steps", "-1"],
     "show_tell_warmup_finetune": SHOW_TELL + NO_SAMPLING,
     "show_tell_warmup_finetune_ss": SHOW_TELL,
-    "attention_warmup_finetune_ss": [],  # the demo config as shipped
+    "attention_xu_warmup_finetune_ss": PLAIN_ATTENTION,  # Xu et al.'s decoder: mean-feature start, no positions
+    "attention_positions_layout_no_ss": NO_SAMPLING,
+    "attention_positions_layout_warmup_finetune_ss": [],  # the demo config as shipped
 }
 
 
@@ -53,7 +56,7 @@ def run_row(name: str, overrides: list[str], steps: int, out: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--only", nargs="*", default=list(ROWS))
     args = parser.parse_args()

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from capline.data.synthetic import VAL_INDEX_OFFSET, encode_scene, generate_scene, scene_record  # noqa: E402
-from capline.inference import CaptionResult, Captioner, load_caption_module  # noqa: E402
+from capline.inference import Captioner, CaptionResult, load_caption_module  # noqa: E402
 from capline.metrics.scene_truth import judge_caption  # noqa: E402
 
 PANEL_PX = 192  # each scene is drawn at this size (nearest-neighbour: the pixels the model saw, only larger)
@@ -77,7 +77,7 @@ def attention_strip(result: CaptionResult, columns: int = 8) -> Figure:
     rows = -(-len(result.tokens) // columns)
     grid = "x".join(map(str, result.attention.shape[1:]))
     figure = Figure(figsize=(columns * 1.6, rows * 1.9 + 0.4), dpi=80)
-    figure.suptitle(f"where the decoder looks for each word ({grid} feature grid): \"{result.caption}\"", fontsize=10)
+    figure.suptitle(f'where the decoder looks for each word ({grid} feature grid): "{result.caption}"', fontsize=10)
     for index, (word, heatmap) in enumerate(zip(result.tokens, heatmaps.numpy())):
         ax = figure.add_subplot(rows, columns, index + 1)
         ax.imshow(picture)
