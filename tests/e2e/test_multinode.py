@@ -44,16 +44,18 @@ def two_nodes(tmp_path: Path, data: dict, record: Path, *extra: str) -> list[tup
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(home), "WANDB_CONFIG_DIR": str(home),
            "WANDB_CACHE_DIR": str(home), "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    logs = [record.with_name(f"{record.name}-node{n}.log") for n in range(2)]  # files: a full pipe would block
     nodes = [subprocess.Popen([*torchrun, *capline], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+                              stderr=log.open("w")) for log in logs]  # fmt: skip
     try:
-        return [(node.wait(timeout=540), node.stderr.read()) for node in nodes]
+        return [(node.wait(timeout=1500), log.read_text()) for node, log in zip(nodes, logs)]
     finally:
         for node in nodes:
             node.kill()
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # four torchrun processes on a 2-core machine: minutes each
 def test_readme_torchrun_command_on_two_nodes_runs_and_resumes(tmp_path, synthetic_data):
     first = two_nodes(tmp_path, synthetic_data, tmp_path / "first", "--trainer.max_steps", "4")
     for status, stderr in first:
