@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli_runner import CAPLINE  # noqa: E402
@@ -88,7 +89,8 @@ def test_sigkill_inside_scst_then_resume_equals_uninterrupted_run_and_scst_is_lo
         values = series(run, f"train/scst_{key}")
         assert values and all(v >= 0 for v in values), key
     assert series(run, "train/ss_prob")[-1] == 0.0  # no scheduled sampling during SCST
-    assert series(run, "train/lr")[-1] == pytest.approx(2.0e-4)  # scst.yaml's rate, constant after the switch
+    scst_lr = yaml.safe_load((ROOT / "configs/scst.yaml").read_text())["model"]["scst"]["lr"]
+    assert series(run, "train/lr")[-1] == pytest.approx(scst_lr)  # scst.yaml's rate, constant after the switch
     assert sorted(data.glob("cider-df-*.pt"))  # the corpus statistics, cached next to vocab.json
 
     resumed = scst_args(tmp_path, "resumed", data)
