@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli_runner import CAPLINE  # noqa: E402
@@ -53,7 +54,10 @@ def test_pretrained_weights_load_offline_from_the_local_cache(tmp_path, syntheti
     import timm
     from safetensors.torch import save_file
 
-    weights = timm.create_model("resnet18", pretrained=False).state_dict()
+    # The demo's ResNet-18 widths (its model_kwargs, less the feature-stage choice timm applies after loading).
+    kwargs = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())["model"]["encoder"]["init_args"]["model_kwargs"]
+    widths = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices")}
+    weights = timm.create_model("resnet18", pretrained=False, **widths).state_dict()
     weights["conv1.weight"] = torch.full_like(weights["conv1.weight"], 0.0125)  # recognisable after loading
     snapshot = tmp_path / "hf-home/hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
@@ -66,4 +70,4 @@ def test_pretrained_weights_load_offline_from_the_local_cache(tmp_path, syntheti
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert torch.all(state["encoder.backbone.conv1.weight"] == 0.0125)
-    assert torch.equal(state["encoder.backbone.layer4.1.bn2.running_var"], weights["layer4.1.bn2.running_var"])
+    assert torch.equal(state["encoder.backbone.layer2.1.bn2.running_var"], weights["layer2.1.bn2.running_var"])  # the last stage kept
