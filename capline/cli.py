@@ -41,6 +41,9 @@ from capline.vocab import VocabError
 # so their __len__ is exact; the pytree one is Lightning's own deprecation, nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
 warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+# Lightning hands prediction writers sampler indices; capline's streams have no sampler, and its writer names
+# every image by its key and id instead, so the missing indices lose nothing.
+warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices fetched from your dataloader.*")
 
 # Mistakes in a config or its data: reported in one sentence, without a traceback.
 USER_ERRORS = (DataConfigError, EncoderConfigError, VocabError, CheckpointError, PrecisionError, OutputDirError)
