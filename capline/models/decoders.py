@@ -111,19 +111,27 @@ class ShowTellDecoder(CaptionDecoder):
         pooled = features.mean(dim=(2, 3))  # (B, C)
         return self.dropout(self.image_norm(self.image_proj(pooled))).unsqueeze(1)  # (B, 1, E)
 
+    def _lstm(self, inputs: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None = None):
+        # oneDNN has no bf16 LSTM primitive for every shape on every CPU ("could not create a primitive
+        # descriptor"): under CPU autocast the recurrence runs in float32, the rest of the model in bf16.
+        if inputs.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.lstm(inputs.float(), None if hc is None else tuple(t.float() for t in hc))
+        return self.lstm(inputs, hc)
+
     def init_state(self, features: torch.Tensor) -> State:
-        _, (h, c) = self.lstm(self._image_input(features))
+        _, (h, c) = self._lstm(self._image_input(features))
         return {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}  # (B, L, H): batch-first so beams can reorder
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
-        out, (h, c) = self.lstm(self.dropout(self.embed(tokens)).unsqueeze(1), hc)  # out (B, 1, H)
+        out, (h, c) = self._lstm(self.dropout(self.embed(tokens)).unsqueeze(1), hc)  # out (B, 1, H)
         return self.head(self.dropout(out.squeeze(1))), {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         # One fused cuDNN/MKL LSTM call over [image, words]: teacher forcing stays fast.
         inputs = torch.cat([self._image_input(features), self.dropout(self.embed(tokens))], dim=1)  # (B, 1+T, E)
-        out, _ = self.lstm(inputs)
+        out, _ = self._lstm(inputs)
         return self.head(self.dropout(out[:, 1:]))  # (B, T, V)
 
 

@@ -70,4 +70,6 @@ def test_pretrained_weights_load_offline_from_the_local_cache(tmp_path, syntheti
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert torch.all(state["encoder.backbone.conv1.weight"] == 0.0125)
-    assert torch.equal(state["encoder.backbone.layer2.1.bn2.running_var"], weights["layer2.1.bn2.running_var"])  # the last stage kept
+    assert torch.equal(
+        state["encoder.backbone.layer2.1.bn2.running_var"], weights["layer2.1.bn2.running_var"]
+    )  # the last stage kept
