@@ -105,6 +105,7 @@ class CaptionModule(L.LightningModule):
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         # A plain tensor, not a buffer: DDP would overwrite every rank's counts with rank 0's.
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self.empty_batches = 0  # training batches whose samples were all skipped
         self._rng_to_restore: dict | None = None
         self.run_config: dict | None = None  # the resolved CLI config, stored in every checkpoint
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -153,8 +154,10 @@ class CaptionModule(L.LightningModule):
         return beam_search(self.decoder, features, beam_size, self.max_len, self.length_penalty)
 
     # ---- training ---------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         self._count_skips(batch["skipped"])
+        if batch["images"].shape[0] == 0:  # every sample of the batch was skipped
+            return self._empty_batch_step()
         tokens = batch["tokens"]  # (B, T): <start> w1 ... wn <end> <pad>...
         features = self.encode(batch["images"])
         if self.scst_active():  # the reward replaces cross-entropy; scheduled sampling does not apply
@@ -215,6 +218,21 @@ class CaptionModule(L.LightningModule):
             self._nonfinite_in_a_row, path,
         )  # fmt: skip
         self.trainer.should_stop = True
+
+    def _empty_batch_step(self) -> torch.Tensor | None:
+        """A batch without one usable sample: counted, and no step is taken on it.
+
+        Alone, the step is skipped (Lightning skips the optimizer step of a `None` loss). Under DDP every rank
+        must join the gradient all-reduce, so this rank contributes zero gradients to the others' step instead.
+        """
+        self.empty_batches += 1
+        self.log("data/empty_batches", float(self.empty_batches))
+        if self.empty_batches == 1:
+            log.warning("step %d: all samples of a batch were skipped (see data/empty_batches)", self.global_step)
+        self._loss_finite = None
+        if self.trainer.world_size == 1:
+            return None
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def _count_skips(self, skipped: torch.Tensor) -> None:
         new = skipped.cpu()

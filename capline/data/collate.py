@@ -13,6 +13,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, get_worker_info
 
 from capline.data.decode import SkipCounter, SkipSample, decode_sample
+from capline.data.layouts import LayoutReader
 from capline.data.pipeline import pad_sequences, stable_seed
 from capline.data.synthetic import encode_scene
 from capline.vocab import Vocabulary, tokenize
@@ -98,12 +99,14 @@ class CaptionBatcher:
         train: Draw one random reference per image visit (else: the first, and all references in `refs`).
         seed: Seed of the per-visit caption choice.
         train_refs: Training batches carry every reference in `refs` too (SCST scores samples against them).
+        read_captions: Reads the captions of the shards' layout (default: capline's own).
     """
 
     def __init__(
         self, vocab: Vocabulary, transform: ImageTransform, max_len: int, max_refs: int, train: bool, seed=0,
-        train_refs: bool = False,
+        train_refs: bool = False, read_captions: LayoutReader | None = None,
     ):  # fmt: skip
+        self.read_captions = read_captions or LayoutReader("capline")
         self.vocab, self.transform = vocab, transform
         self.max_len, self.max_refs = max_len, max_refs
         self.train, self.seed = train, seed
@@ -116,7 +119,7 @@ class CaptionBatcher:
         tokens, refs, captions, ids, keys, scenes = [], [], [], [], [], []
         for raw in raw_samples:
             try:
-                sample = decode_sample(raw, draft_size=self.transform.resize_to)
+                sample = decode_sample(raw, self.transform.resize_to, self.read_captions)
                 self.transform.write(sample.image, images[len(ids)].numpy())
             except SkipSample as skip:
                 counter.add(skip.reason)

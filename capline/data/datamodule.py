@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,12 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from capline.data.collate import CaptionBatcher, ImageTransform, RecyclingDataLoader
+from capline.data.counting import count_samples
+from capline.data.groups import merge_image_samples
 from capline.data.images import ImageFileStream, NoImagesError, find_image_files
+from capline.data.layouts import FORMATS, LayoutReader
 from capline.data.pipeline import EvalStream, TrainStream
+from capline.data.usable import NoUsableDataError, check_usable, detect_shard_layout
 from capline.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -47,20 +50,6 @@ def expand_shards(pattern: str | list[str], name: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Sums the per-shard sample counts of the `*-index.json` files next to local shards, if they cover all."""
-    counts: dict[str, int] = {}
-    for folder in {Path(u.removeprefix("file://")).parent for u in urls}:
-        for index in folder.glob("*-index.json"):
-            try:
-                entries = json.loads(index.read_text())["shards"]
-                counts.update({str(folder / e["name"]): int(e["num_samples"]) for e in entries})
-            except (OSError, ValueError, KeyError, TypeError):
-                log.warning("ignoring unreadable shard index %s", index)
-    paths = [str(Path(u.removeprefix("file://"))) for u in urls]
-    return sum(counts[p] for p in paths) if all(p in counts for p in paths) else None
-
-
 class CaptionDataModule(L.LightningDataModule):
     """Streams caption shards to every rank.
 
@@ -76,11 +65,17 @@ class CaptionDataModule(L.LightningDataModule):
         global_batch_size: Images per optimizer step over all devices; each device gets global / world size.
         eval_batch_size: Images per device per evaluation batch (default: the per-device training batch).
         num_workers: Dataloader worker processes per device.
-        samples_per_epoch: Training images per epoch over all ranks (default: the count in the shard index).
+        samples_per_epoch: Training samples per epoch over all ranks (default: counted from the shard index,
+            img2dataset's `*_stats.json` or the tar headers; needed for remote shards only).
         max_len: Most words per caption; longer captions are truncated.
         max_refs: Most reference captions per image used for scoring.
         shuffle_buffer: Samples held in each worker's shuffle buffer.
         seed: Seed of the data order (with the epoch, rank and worker).
+        format: The shards' layout: `auto` (detected from each split's first samples, and logged), `capline`,
+            `img2dataset` (one sample per caption: `.txt`, or `.json`'s `caption`) or `txt` (one caption per line).
+        group_by: img2dataset layout: the `.json` field whose equal values are one image, merged for validation
+            and test so every image is scored once with all its references (samples without it: by `sha256`,
+            else by their image bytes); null scores every sample on its own.
     """
 
     def __init__(
@@ -99,8 +94,12 @@ class CaptionDataModule(L.LightningDataModule):
         max_refs: int = 5,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        format: str = "auto",
+        group_by: str | None = "url",
     ):
         super().__init__()
+        if format not in FORMATS:
+            raise DataConfigError(f"data.format {format!r} is not one of {', '.join(FORMATS)}")
         if synthetic is not None:
             given = [n for n, v in (("train_shards", train_shards), ("val_shards", val_shards), ("vocab", vocab)) if v]
             if given:
@@ -136,6 +135,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.max_len, self.max_refs = max_len, max_refs
         self.samples_per_epoch, self.shuffle_buffer = samples_per_epoch, shuffle_buffer
         self.eval_batch_size = eval_batch_size
+        self.format, self.group_by = format, group_by
+        self._readers: dict[str, LayoutReader] = {}  # per split, once its layout is known
+        self._merged: dict[str, dict] = {}  # per evaluation split: its images' merged references
         self.rank, self.world_size = 0, 1
         self.image_config: dict | None = None
         self.train_refs = False  # training batches carry every reference (set when the model trains with SCST)
@@ -160,10 +162,22 @@ class CaptionDataModule(L.LightningDataModule):
         self.batch_size = self.per_device_batch_size(self.world_size)
         self.transform = ImageTransform(self.image_config)
 
-    def _batcher(self, train: bool) -> CaptionBatcher:
+    def reader(self, name: str) -> LayoutReader:
+        """The caption reader of a split's layout: `data.format`, or detected from its first samples."""
+        if name not in self._readers:
+            layout = self.format
+            if layout == "auto":
+                try:
+                    layout = detect_shard_layout(self._require(name), name)
+                except NoUsableDataError as err:
+                    raise DataConfigError(str(err)) from None
+            self._readers[name] = LayoutReader(layout, self.group_by)
+        return self._readers[name]
+
+    def _batcher(self, name: str, train: bool) -> CaptionBatcher:
         return CaptionBatcher(
             self.vocab, self.transform, self.max_len, self.max_refs, train=train, seed=self.seed,
-            train_refs=train and self.train_refs,
+            train_refs=train and self.train_refs, read_captions=self.reader(name),
         )  # fmt: skip
 
     def train_references(self) -> list[list[list[int]]]:
@@ -181,10 +195,18 @@ class CaptionDataModule(L.LightningDataModule):
         urls = self._require("train_shards")
         samples = self.samples_per_epoch or count_samples(urls)
         if samples is None:
-            raise DataConfigError("data.samples_per_epoch is not set and the shards have no *-index.json to count")
+            raise DataConfigError(
+                "data.samples_per_epoch is not set and remote training shards cannot be counted; set it to the "
+                "number of training samples (or index local copies with tools/make_shards.py index)"
+            )
+        batcher = self._batcher("train_shards", train=True)
+        try:
+            check_usable(urls, "train_shards", batcher)  # before any worker starts or any step runs
+        except NoUsableDataError as err:
+            raise DataConfigError(str(err)) from None
         batches = max(1, samples // self.global_batch_size)
         self.train_stream = TrainStream(
-            urls, self._batcher(train=True), self.batch_size, self.rank, self.world_size,
+            urls, batcher, self.batch_size, self.rank, self.world_size,
             batches_per_epoch=batches, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
         )  # fmt: skip
         # The first epoch's loader iterator is created before on_train_epoch_start: position the stream now.
@@ -192,9 +214,12 @@ class CaptionDataModule(L.LightningDataModule):
         return self._loader(self.train_stream, stream_state=self)  # resumable: Lightning saves its position
 
     def _eval_loader(self, name: str) -> DataLoader:
+        reader = self.reader(name)
+        if reader.one_sample_per_caption and name not in self._merged:
+            self._merged[name] = merge_image_samples(self._require(name), reader)
         stream = EvalStream(
-            self._require(name), self._batcher(train=False), self.eval_batch_size or self.batch_size,
-            self.rank, self.world_size,
+            self._require(name), self._batcher(name, train=False), self.eval_batch_size or self.batch_size,
+            self.rank, self.world_size, merged=self._merged.get(name),
         )  # fmt: skip
         return self._loader(stream)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import numpy as np
 import torch
@@ -15,7 +18,7 @@ from PIL import Image
 
 # Decompression bombs are refused by pixel count (PIL's own limit only warns below 2x its default).
 MAX_IMAGE_PIXELS = 64_000_000
-IMAGE_EXTS = ("jpg", "jpeg", "png")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # Every reason a sample can be skipped, in the fixed order used by the per-batch skip counts.
 SKIP_REASONS = (
@@ -26,6 +29,8 @@ SKIP_REASONS = (
     "empty_captions",
     "image_too_large",
     "broken_shard",
+    "bad_text",  # a `.txt` caption member that is not UTF-8 text
+    "other_layout",  # the sample's members fit another layout than the one read (mixed shards)
 )
 
 
@@ -61,6 +66,16 @@ class Sample:
     scene: dict | None = None  # what the synthetic generator drew (`synthetic.scene_record`), when the json has it
 
 
+@dataclass
+class Captions:
+    """What a layout reads from a sample's text members (see `capline.data.layouts`)."""
+
+    image_id: int
+    captions: list[str]
+    scene: dict | None = None
+    group: str | None = None  # samples with the same group show one image (img2dataset: one sample per caption)
+
+
 def image_id_to_int(image_id) -> int:
     """COCO ids are ints; any other id, or an int outside int64, is mapped to a stable non-negative int."""
     try:
@@ -70,6 +85,14 @@ def image_id_to_int(image_id) -> int:
     except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
         pass
     return zlib.crc32(str(image_id).encode("utf-8", "surrogatepass")) & 0x7FFFFFFF  # JSON may hold "\ud800"
+
+
+def image_id_for(path: str) -> int:
+    """The file name's number: all of it, or its digits after a last `_`, `-` or `.` (COCO's
+    `COCO_val2014_000000391895.jpg` is 391895); else a stable hash of the name."""
+    stem = PurePath(path).stem
+    digits = re.search(r"(?:^|[_.-])(\d{1,18})$", stem)
+    return int(digits.group(1)) if digits else zlib.crc32(stem.encode("utf-8", "surrogatepass")) & 0x7FFFFFFF
 
 
 def parse_meta(raw: bytes | None) -> tuple[int, list[str], dict | None]:
@@ -125,10 +148,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_sample(raw: dict, draft_size: int | None = None) -> Sample:
-    """Decodes a raw sample dict (`__key__`, `jpg`/`png`, `json` bytes) or raises `SkipSample`."""
+def read_capline(raw: dict) -> Captions:
+    """capline's own layout: the captions from `<key>.json` = `{"image_id": ..., "captions": [...]}`."""
     image_id, captions, scene = parse_meta(raw.get("json"))
+    return Captions(image_id, captions, scene)
+
+
+def image_member(raw: dict) -> bytes:
+    """The bytes of a raw sample's image member (`.jpg`, `.jpeg`, `.png` or `.webp`) or raises `SkipSample`."""
     data = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
     if data is None:
-        raise SkipSample("missing_image", "no .jpg or .png member")
-    return Sample(raw["__key__"], image_id, open_image(data, draft_size), captions, scene)
+        raise SkipSample("missing_image", "no .jpg, .jpeg, .png or .webp member")
+    return data
+
+
+def decode_sample(
+    raw: dict, draft_size: int | None = None, read_captions: Callable[[dict], Captions] = read_capline
+) -> Sample:
+    """Decodes a raw sample dict (`__key__`, an image and caption members) or raises `SkipSample`.
+
+    `read_captions` reads the caption members of the shards' layout (`capline.data.layouts.LayoutReader`); an
+    evaluation stream that merged the samples of one image puts all its references in `raw["__refs__"]`.
+    """
+    meta = read_captions(raw)
+    captions = list(raw.get("__refs__") or meta.captions)
+    return Sample(raw["__key__"], meta.image_id, open_image(image_member(raw), draft_size), captions, meta.scene)

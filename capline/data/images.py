@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import glob
-import re
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from capline.data.collate import ImageTransform
-from capline.data.decode import SkipSample, open_image
+from capline.data.decode import SkipSample, image_id_for, open_image
 from capline.data.pipeline import worker_slot
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -33,14 +31,6 @@ def find_image_files(pattern: str) -> list[str]:
         kind = "folder" if folder.is_dir() else "pattern"
         raise NoImagesError(f"data.predict_images: the {kind} {pattern!r} holds no JPEG, PNG or WebP file")
     return files
-
-
-def image_id_for(path: str) -> int:
-    """The file name's number: all of it, or its digits after a last `_`, `-` or `.` (COCO's
-    `COCO_val2014_000000391895.jpg` is 391895); else a stable hash of the name."""
-    stem = Path(path).stem
-    digits = re.search(r"(?:^|[_.-])(\d{1,18})$", stem)
-    return int(digits.group(1)) if digits else zlib.crc32(stem.encode("utf-8", "surrogatepass")) & 0x7FFFFFFF
 
 
 class ImageFileStream(IterableDataset):

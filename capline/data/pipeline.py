@@ -31,6 +31,11 @@ def stable_seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode("utf-8", "surrogatepass"))  # tar names may not be UTF-8
 
 
+def sample_id(raw: RawSample) -> str:
+    """A sample's name across a shard list: its shard's URL and its key."""
+    return f"{raw.get('__url__')}\t{raw['__key__']}"
+
+
 def worker_slot(rank: int, world_size: int, rotate: int = 0) -> tuple[int, int, int, int]:
     """Returns (slot, num_slots, logical worker, num_workers) of the calling dataloader worker.
 
@@ -153,7 +158,15 @@ class TrainStream(_Stream):
 
 
 class EvalStream(_Stream):
-    """Every sample of the shards exactly once across all ranks and workers, in shard order."""
+    """Every sample of the shards exactly once across all ranks and workers, in shard order.
+
+    With `merged` (`capline.data.groups.merge_image_samples`), only each image's owner sample is kept, carrying
+    all the image's captions in `__refs__`: every image once, however many samples it has.
+    """
+
+    def __init__(self, *args, merged: dict[str, tuple[str, ...]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.merged = merged
 
     def __iter__(self) -> Iterator[dict]:
         slot, num_slots, _, _ = worker_slot(self.rank, self.world_size)
@@ -162,8 +175,16 @@ class EvalStream(_Stream):
         samples = self._read(mine, counter)
         if stride:
             samples = itertools.islice(samples, slot, None, num_slots)
+        if self.merged is not None:
+            samples = self._owners(samples)
         while chunk := list(itertools.islice(samples, self.batch_size)):
             yield self.make_batch(chunk, counter, 0)
+
+    def _owners(self, samples: Iterator[RawSample]) -> Iterator[RawSample]:
+        for raw in samples:
+            refs = self.merged.get(sample_id(raw))
+            if refs is not None:
+                yield raw | {"__refs__": refs}
 
 
 def pad_sequences(seqs: list[list[int]], pad: int = 0) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""How many samples a shard list holds, without decoding it: the training epoch is measured in samples.
+
+For each shard, the first source that knows wins: capline's `<split>-index.json` (written by its shard writer),
+`capline-counts.json` (written by `tools/make_shards.py index` for shards made elsewhere), img2dataset's
+`NNNNN_stats.json` beside `NNNNN.tar`, and, for a local shard, its tar headers (read, not its members' data).
+Remote shards are counted only from an index; else `data.samples_per_epoch` must say it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+COUNTS_FILE = "capline-counts.json"  # {"shards": [{"name": "00000.tar", "num_samples": 10000}, ...]}
+_BLOCK = 512
+_REGULAR = (ord("0"), 0)  # tar type flags of a regular file ("0", or NUL in old tars)
+
+
+def local_path(url: str) -> Path | None:
+    """The file a shard URL names on this machine, or None for a remote URL or `pipe:` command."""
+    if url.startswith("file://"):
+        return Path(url.removeprefix("file://"))
+    return None if "://" in url or url.startswith("pipe:") else Path(url)
+
+
+def _sample_key(name: str) -> str:
+    """webdataset's sample key of a member name: its folder and its base name up to the first dot."""
+    folder, _, base = name.rpartition("/")
+    return f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
+
+
+def count_tar_samples(path: str | os.PathLike) -> int:
+    """The samples of a local tar shard (runs of members with one key, as webdataset groups them).
+
+    Only the 512-byte headers are read; member data is skipped by seeking. A tar with long-name or pax headers,
+    or a compressed one, is read with `tarfile` instead (slower, same count).
+    """
+    count, last = 0, None
+    with open(path, "rb") as file:
+        while len(header := file.read(_BLOCK)) == _BLOCK and header.strip(b"\0"):
+            kind = header[156]
+            if kind in b"LKxg" or header[257:262] not in (b"ustar", b"\0\0\0\0\0"):
+                return _count_with_tarfile(path)
+            size = int(header[124:136].rstrip(b" \0") or b"0", 8)
+            if kind in _REGULAR:
+                prefix = header[345:500].split(b"\0", 1)[0]
+                name = header[:100].split(b"\0", 1)[0]
+                name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
+                if not name.rpartition("/")[2].startswith("__") and (key := _sample_key(name)) != last:
+                    count, last = count + 1, key
+            file.seek((size + _BLOCK - 1) // _BLOCK * _BLOCK, os.SEEK_CUR)
+    return count
+
+
+def _count_with_tarfile(path: str | os.PathLike) -> int:
+    count, last = 0, None
+    with tarfile.open(path, mode="r") as tar:
+        for member in tar:
+            tar.members = []
+            if member.isreg() and not member.name.rpartition("/")[2].startswith("__"):
+                if (key := _sample_key(member.name)) != last:
+                    count, last = count + 1, key
+    return count
+
+
+def _indexed_counts(folder: Path) -> dict[str, int]:
+    """{shard path: samples} from the index files of one folder."""
+    counts: dict[str, int] = {}
+    for index in [*folder.glob("*-index.json"), folder / COUNTS_FILE]:
+        if not index.is_file():
+            continue
+        try:
+            entries = json.loads(index.read_text())["shards"]
+            counts.update({str(folder / e["name"]): int(e["num_samples"]) for e in entries})
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable shard index %s", index)
+    return counts
+
+
+def _img2dataset_count(path: Path) -> int | None:
+    stats = path.with_name(f"{path.name.removesuffix('.tar')}_stats.json")
+    try:
+        return int(json.loads(stats.read_text())["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """The samples of all shards, or None when a remote shard is not in an index."""
+    paths = [local_path(u) for u in urls]
+    if any(p is None for p in paths):
+        return None
+    indexed: dict[str, int] = {}
+    for folder in {p.parent for p in paths}:
+        indexed |= _indexed_counts(folder)
+    total, headers_read, started = 0, 0, time.perf_counter()
+    for path in paths:
+        count = indexed.get(str(path))
+        if count is None:
+            count = _img2dataset_count(path)
+        if count is None:
+            count = count_tar_samples(path)
+            headers_read += 1
+        total += count
+    if headers_read:
+        log.info(
+            "counted the samples of %d shards from their tar headers in %.1f s (python tools/make_shards.py index "
+            "writes %s to skip this)",
+            headers_read, time.perf_counter() - started, COUNTS_FILE,
+        )  # fmt: skip
+    return total
+
+
+def write_counts(urls: list[str]) -> dict[Path, dict]:
+    """Counts local shards from their headers and writes (or extends) `capline-counts.json` in their folders."""
+    written: dict[Path, dict] = {}
+    for url in urls:
+        path = local_path(url)
+        if path is None:
+            raise ValueError(f"{url!r} is not a local file: only local shards can be indexed")
+        index_file = path.parent / COUNTS_FILE
+        if index_file not in written:
+            old = json.loads(index_file.read_text()) if index_file.is_file() else {"shards": []}
+            written[index_file] = {e["name"]: e["num_samples"] for e in old.get("shards", [])}
+        written[index_file][path.name] = count_tar_samples(path)
+    indexes = {}
+    for index_file, counts in written.items():
+        shards = [{"name": name, "num_samples": n} for name, n in sorted(counts.items())]
+        indexes[index_file] = {"shards": shards, "num_samples": sum(counts.values())}
+        tmp = index_file.with_name(index_file.name + ".tmp")
+        tmp.write_text(json.dumps(indexes[index_file], indent=1))
+        os.replace(tmp, index_file)
+    return indexes
