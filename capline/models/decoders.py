@@ -156,6 +156,11 @@ class AttentionDecoder(CaptionDecoder):
         init_layout: 0 starts the LSTM from the mean of the feature map (Xu et al.); k > 0 from a learned
             projection of the map average-pooled to k x k cells (like the fully connected layers of the VGG
             net of the paper, which see the whole map): the initial state then knows where things are.
+        query: Which state chooses where to look for word t. "previous" (Xu et al.): h_{t-1}, before the LSTM
+            has read word t-1, and the context goes into the LSTM. "current" (the spatial attention of Lu et al.
+            2017, "Knowing When to Look"): h_t, after the LSTM has read word t-1, and the context goes straight
+            to the output layer (the LSTM gets the previous context, as Luong et al.'s input feeding). With
+            "current", the word just said ("blue") already steers where the next word ("circle") looks.
     """
 
     image_state = ("feats", "feats_proj")
@@ -170,12 +175,16 @@ class AttentionDecoder(CaptionDecoder):
         dropout: float = 0.3,
         positions: bool = False,
         init_layout: int = 0,
+        query: str = "previous",
     ):
         super().__init__()
         if init_layout < 0:
             raise ValueError(f"init_layout must be 0 (mean features) or a grid side >= 1, got {init_layout}")
+        if query not in ("previous", "current"):
+            raise ValueError(f"query must be 'previous' (Xu et al.) or 'current' (Lu et al.), got {query!r}")
         self.vocab_size = vocab_size
         self.positions = positions
+        self.query = query
         feature_dim += 2 if positions else 0
         self.layout = nn.AdaptiveAvgPool2d(init_layout) if init_layout else None
         init_dim = feature_dim * init_layout**2 if init_layout else feature_dim
@@ -187,6 +196,8 @@ class AttentionDecoder(CaptionDecoder):
         self.init_h = nn.Linear(init_dim, hidden_dim)
         self.init_c = nn.Linear(init_dim, hidden_dim)
         self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        # "current": the output layer reads h_t + W context_t (Lu et al.'s W_p(c_t + h_t)).
+        self.context_out = nn.Linear(feature_dim, hidden_dim) if query == "current" else None
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_dim, vocab_size)
 
@@ -201,18 +212,28 @@ class AttentionDecoder(CaptionDecoder):
             "h": torch.tanh(self.init_h(summary)),
             "c": torch.tanh(self.init_c(summary)),
             "alpha": feats.new_zeros(feats.shape[:2]),
+            "context": feats.mean(dim=1),  # (B, C): the previous context ("current" query), the mean at first
         }
 
-    def _advance(self, embedded: torch.Tensor, state: State) -> State:
-        """One LSTM step from an embedded word (B, E): attend, gate the context, update h and c."""
-        h, c, feats = state["h"], state["c"], state["feats"]  # h, c: (I*k, H) for k rows per image; feats (I, N, C)
+    def _attend(self, h: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated context (I*k, C) and attention weights (I*k, N) for queries h (I*k, H), k rows per image."""
+        feats = state["feats"]  # (I, N, C)
         images, locations, channels = feats.shape
         energy = self._energy(state["feats_proj"], self.hidden_proj(h))
         alpha = F.softmax(energy.float(), dim=1).to(feats.dtype)  # (I*k, N)
         attended = torch.bmm(alpha.view(images, -1, locations), feats).view(-1, channels)  # (I*k, C)
-        context = torch.sigmoid(self.gate(h)) * attended
-        h, c = self.cell(torch.cat([embedded, context], dim=1), (h, c))
-        return {**state, "h": h, "c": c, "alpha": alpha}
+        return torch.sigmoid(self.gate(h)) * attended, alpha
+
+    def _advance(self, embedded: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One step from an embedded word (B, E): attend, update h and c. Returns the output layer's input."""
+        h, c = state["h"], state["c"]  # (I*k, H) for k rows per image
+        if self.query == "previous":
+            context, alpha = self._attend(h, state)
+            h, c = self.cell(torch.cat([embedded, context], dim=1), (h, c))
+            return h, {**state, "h": h, "c": c, "alpha": alpha}
+        h, c = self.cell(torch.cat([embedded, state["context"]], dim=1), (h, c))
+        context, alpha = self._attend(h, state)
+        return h + self.context_out(context), {**state, "h": h, "c": c, "alpha": alpha, "context": context}
 
     def _energy(self, feats_proj: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Additive attention scores (I*k, N) = w . tanh(feats_proj + query) for feats_proj (I, N, A) and
@@ -240,18 +261,18 @@ class AttentionDecoder(CaptionDecoder):
         return energy.view(images * k, locations)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        state = self._advance(self.dropout(self.embed(tokens)), state)
-        return self.head(self.dropout(state["h"])), state
+        out, state = self._advance(self.dropout(self.embed(tokens)), state)
+        return self.head(self.dropout(out)), state
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         # Teacher forcing: embed all words and apply the output layer once; only the recurrence steps.
         state = self.init_state(features)
         embedded = self.dropout(self.embed(tokens))  # (B, T, E)
-        hidden = []
+        outputs = []
         for t in range(tokens.shape[1]):
-            state = self._advance(embedded[:, t], state)
-            hidden.append(state["h"])
-        return self.head(self.dropout(torch.stack(hidden, dim=1)))  # (B, T, V)
+            out, state = self._advance(embedded[:, t], state)
+            outputs.append(out)
+        return self.head(self.dropout(torch.stack(outputs, dim=1)))  # (B, T, V)
 
 
 def _cell_centres(features: torch.Tensor) -> torch.Tensor:

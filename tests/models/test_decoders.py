@@ -31,7 +31,14 @@ def test_encoder_returns_feature_map_and_normalises_uint8():
     assert encoder.data_config["input_size"] == (3, 64, 64)
 
 
-@pytest.mark.parametrize("decoder_cls", [ShowTellDecoder, AttentionDecoder])
+def current_query_decoder(vocab_size, feature_dim, **kwargs):
+    return AttentionDecoder(vocab_size, feature_dim, query="current", **kwargs)
+
+
+DECODERS = [ShowTellDecoder, AttentionDecoder, current_query_decoder]
+
+
+@pytest.mark.parametrize("decoder_cls", DECODERS)
 def test_forward_shapes_and_fused_path_matches_steps(decoder_cls, features):
     torch.manual_seed(0)
     decoder = decoder_cls(V, features.shape[1], embed_dim=32, hidden_dim=48).eval()
@@ -44,7 +51,7 @@ def test_forward_shapes_and_fused_path_matches_steps(decoder_cls, features):
     torch.testing.assert_close(decoder.forward_scheduled(features, toks, 0.0), logits)
 
 
-@pytest.mark.parametrize("decoder_cls", [ShowTellDecoder, AttentionDecoder])
+@pytest.mark.parametrize("decoder_cls", DECODERS)
 def test_ss_prob_one_feeds_the_models_own_predictions(decoder_cls, features):
     torch.manual_seed(0)
     decoder = decoder_cls(V, features.shape[1], embed_dim=32, hidden_dim=48).eval()
@@ -66,6 +73,24 @@ def test_attention_weights_are_a_distribution_over_cells(features):
     _, state = decoder.step(torch.ones(B, dtype=torch.long), state)
     assert state["alpha"].shape == (B, 4)
     torch.testing.assert_close(state["alpha"].sum(1), torch.ones(B))
+
+
+@pytest.mark.parametrize("query", ["previous", "current"])
+def test_only_the_current_query_lets_the_word_just_read_choose_where_to_look(query, features):
+    # Lu et al. 2017: with query="current", the attention for word t comes from h_t, which has read word t-1;
+    # with Xu et al.'s "previous", it comes from h_{t-1}, before word t-1 is read.
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(V, features.shape[1], embed_dim=16, hidden_dim=16, attention_dim=16, query=query)
+    decoder.eval()
+    state = decoder.init_state(features)
+    _, first = decoder.step(torch.full((B,), 5), state)
+    _, second = decoder.step(torch.full((B,), 6), state)
+    assert torch.equal(first["alpha"], second["alpha"]) == (query == "previous")
+
+
+def test_unknown_attention_query_fails_in_one_sentence():
+    with pytest.raises(ValueError, match="query must be 'previous'.*or 'current'"):
+        AttentionDecoder(V, 8, query="next")
 
 
 def test_masked_loss_ignores_padding():

@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 
@@ -56,7 +58,7 @@ def test_beam_of_one_is_greedy(decoder_cls):
     torch.testing.assert_close(greedy.scores, beam.scores)
 
 
-@pytest.mark.parametrize("decoder_cls", [ShowTellDecoder, AttentionDecoder])
+@pytest.mark.parametrize("decoder_cls", [ShowTellDecoder, AttentionDecoder, partial(AttentionDecoder, query="current")])
 @pytest.mark.parametrize("k,penalty", [(3, 0.0), (4, 1.0)])
 def test_batched_beam_equals_per_image_beam(decoder_cls, k, penalty):
     decoder, features = make(decoder_cls, seed=k)
