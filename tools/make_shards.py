@@ -17,6 +17,19 @@ The synthetic scenes, then the config lines that point at them:
 
     python tools/make_shards.py synthetic --out data/synthetic --num-train 8000 --num-val 500
 
+Flickr8k (or Flickr30k's results_20130124.token / results.csv) with its split lists, or any of Karpathy's files:
+
+    python tools/make_shards.py flickr --images Flicker8k_Dataset --captions Flickr8k.token.txt \
+        --split-file Flickr_8k.trainImages.txt --split train --out shards/flickr8k
+    python tools/make_shards.py karpathy --dataset dataset_flickr8k.json --images Flicker8k_Dataset \
+        --karpathy-split train --split train --out shards/flickr8k
+
+Shards made elsewhere (img2dataset, CLIP-benchmark, any layout data.format reads): their vocabulary, and a
+sample-count index (capline-counts.json) so training need not count them at start-up:
+
+    python tools/make_shards.py vocab --shards "mscoco/{00000..00059}.tar" --out mscoco/vocab.json
+    python tools/make_shards.py index --shards "mscoco/{00000..00059}.tar"
+
 Exit status: 0 on success, 1 when no image could be written, 2 for bad arguments.
 """
 
@@ -29,12 +42,20 @@ from pathlib import Path
 
 from capline.data.coco import (
     CocoFormatError,
+    CocoImage,
     load_coco_annotations,
     load_karpathy_split,
     select_images,
     write_coco_shards,
 )
+from capline.data.counting import COUNTS_FILE, write_counts
+from capline.data.datamodule import DataConfigError, expand_shards
+from capline.data.decode import SkipCounter
+from capline.data.flickr import flickr_images, load_flickr_captions, load_karpathy_images, load_split_list
+from capline.data.groups import shard_captions
+from capline.data.layouts import FORMATS, LayoutReader
 from capline.data.synthetic import ensure_synthetic_dataset
+from capline.data.usable import NoUsableDataError, detect_shard_layout
 from capline.vocab import Vocabulary
 
 
@@ -59,6 +80,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     coco.add_argument("--min-count", type=int, default=5, help="vocabulary: keep words seen this many times")
     coco.add_argument("--workers", type=int, default=1, help="processes decoding and resizing images")
     coco.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    flickr = commands.add_parser("flickr", help="Flickr8k / Flickr30k caption files (name.jpg#i<TAB>caption)")
+    flickr.add_argument(
+        "--captions", type=Path, required=True, help="Flickr8k.token.txt, results_20130124.token or results.csv"
+    )
+    flickr.add_argument("--split-file", type=Path, help="image list of the split, e.g. Flickr_8k.trainImages.txt")
+    karpathy = commands.add_parser("karpathy", help="any of Karpathy's dataset_{coco,flickr8k,flickr30k}.json")
+    karpathy.add_argument("--dataset", type=Path, required=True, help="dataset_flickr8k.json, ...")
+    karpathy.add_argument("--karpathy-split", required=True, help="train, val, test, restval or e.g. train+restval")
+    for command in (flickr, karpathy):
+        command.add_argument("--images", type=Path, required=True, help="image folder (searched with its subfolders)")
+        command.add_argument("--out", type=Path, required=True, help="output folder")
+        command.add_argument("--split", required=True, help="output split name: NAME-000000.tar, ...")
+        command.add_argument("--max-size", type=int, help="shrink images to this short side (default: copy as is)")
+        command.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+        command.add_argument("--vocab", action="store_true", help="write vocab.json (default: only for train* splits)")
+        command.add_argument("--min-count", type=int, default=5, help="vocabulary: keep words seen this many times")
+        command.add_argument("--workers", type=int, default=1, help="processes decoding and resizing images")
+        command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    vocab = commands.add_parser("vocab", help="vocabulary of any readable shards (img2dataset, CLIP-benchmark, ...)")
+    vocab.add_argument("--out", type=Path, required=True, help="vocab.json to write")
+    vocab.add_argument("--min-count", type=int, default=5, help="keep words seen this many times")
+    vocab.add_argument("--format", default="auto", choices=FORMATS, help="shard layout (default: detected)")
+    index = commands.add_parser("index", help=f"write {COUNTS_FILE}: the samples of each local shard")
+    for command in (vocab, index):
+        command.add_argument("--shards", required=True, help="brace pattern or URL, e.g. 'dir/{00000..00009}.tar'")
 
     synthetic = commands.add_parser("synthetic", help="procedural two-object scenes (the demo dataset)")
     synthetic.add_argument("--out", type=Path, required=True, help="output folder")
@@ -91,7 +139,49 @@ def run_coco(args: argparse.Namespace) -> int:
         karpathy = load_karpathy_split(args.karpathy, args.karpathy_split) if args.karpathy else None
     except (CocoFormatError, ValueError) as err:
         raise UsageError(str(err)) from None
-    images = select_images(annotations, karpathy)
+    return write_images(args, select_images(annotations, karpathy))
+
+
+def check_image_args(args: argparse.Namespace, files: tuple[str, ...]) -> None:
+    """Rejects bad Flickr / Karpathy arguments before any heavy work."""
+    if not args.images.is_dir():
+        raise UsageError(f"--images {str(args.images)!r} is not a directory")
+    for name in files:
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            raise UsageError(f"--{name.replace('_', '-')} {str(path)!r} does not exist")
+    for name in ("max_size", "shard_size", "min_count", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def run_flickr(args: argparse.Namespace) -> int:
+    check_image_args(args, ("captions", "split_file"))
+    try:
+        captions, malformed = load_flickr_captions(args.captions)
+        names = load_split_list(args.split_file) if args.split_file else None
+    except CocoFormatError as err:
+        raise UsageError(str(err)) from None
+    if malformed:
+        shown = ", ".join(map(str, malformed[:5])) + (", ..." if len(malformed) > 5 else "")
+        print(f"skipped {len(malformed)} malformed line(s) of {args.captions}: line {shown}", file=sys.stderr)
+    return write_images(args, flickr_images(captions, names))
+
+
+def run_karpathy(args: argparse.Namespace) -> int:
+    check_image_args(args, ("dataset",))
+    try:
+        images = load_karpathy_images(args.dataset, args.karpathy_split)
+    except (CocoFormatError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if not images:
+        raise UsageError(f"{args.dataset} lists no image of the Karpathy split {args.karpathy_split!r}")
+    return write_images(args, images)
+
+
+def write_images(args: argparse.Namespace, images: list[CocoImage]) -> int:
+    """Writes the images' shards (and, for a training split, vocab.json) and prints what was written."""
     report = write_coco_shards(
         images,
         args.images,
@@ -113,6 +203,57 @@ def run_coco(args: argparse.Namespace) -> int:
         f"skipped {sum(report.skipped.values())} ({skipped})"
     )
     return 0 if report.written else 1
+
+
+def reader_for(args: argparse.Namespace, urls: list[str]) -> LayoutReader:
+    try:
+        layout = args.format if args.format != "auto" else detect_shard_layout(urls, "shards")
+    except NoUsableDataError as err:
+        raise UsageError(str(err).replace("data.shards: ", "--shards: ")) from None
+    return LayoutReader(layout)
+
+
+def shard_urls(pattern: str) -> list[str]:
+    try:
+        return expand_shards(pattern, "shards")
+    except DataConfigError as err:
+        raise UsageError(str(err).replace("data.shards", "--shards")) from None
+
+
+def run_vocab(args: argparse.Namespace) -> int:
+    if args.min_count < 1:
+        raise UsageError(f"--min-count must be at least 1, got {args.min_count}")
+    urls = shard_urls(args.shards)
+    reader, counter, samples = reader_for(args, urls), SkipCounter(), 0
+
+    def captions():
+        nonlocal samples
+        for texts in shard_captions(urls, reader, counter):
+            samples += 1
+            yield from texts
+
+    vocab = Vocabulary.build(captions(), min_count=args.min_count)
+    skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(counter.pending.items()) if n) or "none"
+    if not samples:
+        raise UsageError(f"--shards {args.shards!r}: no sample has a caption ({reader.layout} layout; {skipped})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    vocab.save(args.out)
+    print(
+        f"vocabulary of {len(vocab)} words (seen >= {args.min_count} times) from {samples} {reader.layout} samples "
+        f"of {len(urls)} shards in {args.out}; skipped {sum(counter.pending.values())} ({skipped})"
+    )
+    return 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    urls = shard_urls(args.shards)
+    try:
+        indexes = write_counts(urls)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for path, index in indexes.items():
+        print(f"{path}: {index['num_samples']} samples in {len(index['shards'])} shards")
+    return 0
 
 
 def run_synthetic(args: argparse.Namespace) -> int:
@@ -137,8 +278,10 @@ def run_synthetic(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"coco": run_coco, "flickr": run_flickr, "karpathy": run_karpathy, "vocab": run_vocab,
+                "index": run_index, "synthetic": run_synthetic}  # fmt: skip
     try:
-        return run_coco(args) if args.command == "coco" else run_synthetic(args)
+        return commands[args.command](args)
     except UsageError as err:
         print(f"make_shards.py: error: {err}", file=sys.stderr)
         return 2

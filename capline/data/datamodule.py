@@ -184,7 +184,8 @@ class CaptionDataModule(L.LightningDataModule):
         """Every training sample's references as ids, as training batches carry them (read once, for SCST)."""
         from capline.data.references import training_references
 
-        return training_references(self._require("train_shards"), self.vocab, self.max_len, self.max_refs)
+        urls = self._require("train_shards")
+        return training_references(urls, self.vocab, self.max_len, self.max_refs, self.reader("train_shards"))
 
     def _require(self, name: str) -> list[str]:
         if not self.shards[name]:

@@ -1,4 +1,5 @@
-"""Merging the samples of one image for evaluation, where a layout writes one sample per caption (img2dataset).
+"""Passes over shards that read captions only: merging the samples of one image for evaluation, where a layout
+writes one sample per caption (img2dataset), and every caption of a shard list (for its vocabulary).
 
 Every image must be scored once, with all its references, exactly once across ranks and workers. One pass over
 the evaluation shards, in the order the evaluation stream reads them, names each image's first sample its
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 
 from capline.data.decode import SkipCounter, SkipSample, image_member
 from capline.data.layouts import LayoutReader
@@ -42,3 +44,13 @@ def merge_image_samples(urls: list[str], reader: LayoutReader) -> dict[str, tupl
             captions.setdefault(owner, []).extend(texts)
     log.info("merged %d evaluation samples into %d images", samples, len(captions))
     return {owner: tuple(texts) for owner, texts in captions.items()}
+
+
+def shard_captions(urls: list[str], reader: LayoutReader, counter: SkipCounter) -> Iterator[list[str]]:
+    """The captions of every sample of `urls`, in order, without decoding an image; skips go to `counter`."""
+    for url in urls:
+        for raw in _Stream._read_shard(url, counter):
+            try:
+                yield reader(raw).captions
+            except SkipSample as skip:
+                counter.add(skip.reason)

@@ -6,7 +6,8 @@ import logging
 
 from capline.data.collate import reference_ids
 from capline.data.datamodule import DataConfigError
-from capline.data.decode import SkipCounter, SkipSample, parse_meta
+from capline.data.decode import SkipCounter, SkipSample
+from capline.data.layouts import LayoutReader
 from capline.data.pipeline import TrainStream
 from capline.vocab import Vocabulary
 
@@ -17,18 +18,21 @@ class MissingReferencesError(DataConfigError):
     """Training shards whose samples do not hold their image's reference captions."""
 
 
-def training_references(urls: list[str], vocab: Vocabulary, max_len: int, max_refs: int) -> list[list[list[int]]]:
+def training_references(
+    urls: list[str], vocab: Vocabulary, max_len: int, max_refs: int, reader: LayoutReader | None = None
+) -> list[list[list[int]]]:
     """Per training sample, its first `max_refs` reference captions as ids (as training batches carry them).
 
-    Only the JSON members are parsed; images are not decoded. Raises `MissingReferencesError` (one sentence)
-    when no sample has captions, or when every sample holds a single caption (one sample per caption, as
-    img2dataset writes them): SCST scores a sample against all of its image's references.
+    Only the caption members are parsed (`reader`: the shards' layout, capline's by default); images are not
+    decoded. Raises `MissingReferencesError` (one sentence) when no sample has captions, or when every sample
+    holds a single caption (one sample per caption, as img2dataset writes them): SCST scores a sample against all
+    of its image's references.
     """
-    counter, refs = SkipCounter(), []
+    counter, refs, reader = SkipCounter(), [], reader or LayoutReader("capline")
     for url in urls:
         for raw in TrainStream._read_shard(url, counter):
             try:
-                captions = parse_meta(raw.get("json"))[1]
+                captions = reader(raw).captions
             except SkipSample:
                 continue
             refs.append([reference_ids(c, vocab, max_len) for c in captions[:max_refs]])

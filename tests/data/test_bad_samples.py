@@ -28,6 +28,7 @@ from PIL import Image
 
 from capline.data.collate import CaptionBatcher, ImageTransform
 from capline.data.decode import SKIP_REASONS, SkipCounter, SkipSample, decode_sample
+from capline.data.layouts import LayoutReader
 from capline.data.pipeline import EvalStream
 from capline.data.synthetic import generate_scene
 from capline.vocab import Vocabulary
@@ -45,7 +46,7 @@ BATCH = 8
 BAD_KINDS = {
     "undecodable-bytes": "corrupt_image",
     "truncated-jpeg": "corrupt_image",
-    "no-caption-file": "missing_captions",  # an image and a .txt, no .json
+    "no-caption-file": "other_layout",  # an image and a .txt, no .json: a sample of the txt layout
     "image-only": "missing_captions",
     "captions-only": "missing_image",
     "unparsable-json": "bad_json",
@@ -205,7 +206,7 @@ def test_every_planted_kind_is_read_once_and_decodes_to_its_reason(planted):
     reasons = {}
     for sample in raw:
         try:
-            decoded = decode_sample(sample)
+            decoded = decode_sample(sample, None, LayoutReader("capline"))  # as the stream reads capline shards
             assert decoded.image.mode == "RGB" and decoded.captions
         except SkipSample as skip:
             reasons[kind_of(sample["__key__"])] = skip.reason
