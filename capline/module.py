@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -25,6 +26,7 @@ from capline.models.scst import SCST, scst_loss
 from capline.rng import collect_rng_states, restore_rng_states
 from capline.schedules import EncoderFinetuning, LRSchedule, ScheduledSampling
 from capline.vocab import Vocabulary
+from capline.word_vectors import WordVectors, apply_word_vectors
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class CaptionModule(L.LightningModule):
         max_nonfinite_steps: Stop (with a checkpoint) after this many optimizer steps in a row skipped because
             the loss or the gradients were NaN/inf.
         scst: Self-critical sequence training from `scst.start_step` on (None: cross-entropy throughout).
+        word_vectors: Pretrained word vectors (GloVe) that initialise the decoder's word embeddings when training
+            starts, optionally frozen (see `capline.word_vectors`).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class CaptionModule(L.LightningModule):
         length_penalty: float = 0.0,
         max_nonfinite_steps: int = 20,
         scst: SCST | None = None,
+        word_vectors: WordVectors | None = None,
     ):
         super().__init__()
         # Plain values only, so checkpoints load with weights_only=True (the parts are rebuilt from the config).
@@ -93,8 +98,9 @@ class CaptionModule(L.LightningModule):
         self.finetuning = _as(EncoderFinetuning, encoder_finetuning)
         self.sampling = _as(ScheduledSampling, scheduled_sampling)
         self.scst = SCST(**scst) if isinstance(scst, dict) else scst
+        self.word_vectors = WordVectors(**word_vectors) if isinstance(word_vectors, dict) else word_vectors
         self.reward: CiderReward | None = None  # SCST's, with the training corpus statistics (built in setup)
-        for name in ("lr_schedule", "encoder_finetuning", "scheduled_sampling", "scst"):
+        for name in ("lr_schedule", "encoder_finetuning", "scheduled_sampling", "scst", "word_vectors"):
             if dataclasses.is_dataclass(self.hparams.get(name)):
                 self.hparams[name] = dataclasses.asdict(self.hparams[name])
         self.max_len, self.length_penalty = max_len, length_penalty
@@ -122,6 +128,8 @@ class CaptionModule(L.LightningModule):
             if not strategy._ddp_kwargs.get("find_unused_parameters"):
                 log.info("encoder warm-up under DDP: setting find_unused_parameters=True")
                 strategy._ddp_kwargs["find_unused_parameters"] = True
+        if self.word_vectors is not None and stage == "fit":  # a resumed run then loads its trained embeddings
+            rank_zero_info(apply_word_vectors(self.decoder.embed, self.vocab, self.word_vectors))
         if self.scst is not None and stage == "fit" and self.reward is None:
             self.reward = training_reward(self.trainer.datamodule)  # fails in one sentence without references
 
