@@ -1,6 +1,6 @@
 """The recipe ablation on the demo data: each row is one `capline fit` of configs/demo.yaml with the same steps.
 
-    python tools/ablation.py [--steps 600] [--out runs/ablation] [--only NAME ...]
+    python tools/ablation.py [--steps 700] [--out runs/ablation] [--only NAME ...]
 
 Prints a Markdown table of the final `val/cider`, `val/cider_shuffled`, `val/unique_captions` and whether the
 captions are true: `val/scene_accuracy`, `val/objects_correct`, `val/relation_correct`.
@@ -21,14 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOW_TELL = ["--model.decoder.class_path", "capline.models.ShowTellDecoder",
              "--model.decoder.init_args.embed_dim", "256", "--model.decoder.init_args.hidden_dim", "256"]  # fmt: skip
 NO_SAMPLING = ["--model.scheduled_sampling.schedule", "none"]
-PLAIN_ATTENTION = ["--model.decoder.init_args.positions", "false", "--model.decoder.init_args.init_layout", "0"]
+PREVIOUS_QUERY = ["--model.decoder.init_args.query", "previous"]  # Xu et al.: h_{t-1} chooses where word t looks
+PLAIN_ATTENTION = PREVIOUS_QUERY + [
+    "--model.decoder.init_args.positions", "false", "--model.decoder.init_args.init_layout", "0",
+]  # fmt: skip
 ROWS = {
     "show_tell_frozen_cnn": SHOW_TELL + NO_SAMPLING + ["--model.encoder_finetuning.freeze_steps", "-1"],
     "show_tell_warmup_finetune": SHOW_TELL + NO_SAMPLING,
     "show_tell_warmup_finetune_ss": SHOW_TELL,
     "attention_xu_warmup_finetune_ss": PLAIN_ATTENTION,  # Xu et al.'s decoder: mean-feature start, no positions
-    "attention_positions_layout_no_ss": NO_SAMPLING,
-    "attention_positions_layout_warmup_finetune_ss": [],  # the demo config as shipped
+    "attention_positions_layout_previous_query": PREVIOUS_QUERY,
+    "attention_positions_layout_current_query_no_ss": NO_SAMPLING,
+    "attention_positions_layout_current_query_warmup_finetune_ss": [],  # the demo config as shipped
 }
 
 
@@ -56,7 +60,7 @@ def run_row(name: str, overrides: list[str], steps: int, out: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=750)
+    parser.add_argument("--steps", type=int, default=700)  # the demo's max_steps
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--only", nargs="*", default=list(ROWS))
     args = parser.parse_args()
