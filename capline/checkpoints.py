@@ -87,3 +87,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def training_position(path: str | Path) -> tuple[int, int] | None:
+    """(global step, training batches completed) recorded in a checkpoint, or None if it cannot be read or
+    cannot resume training (a weights-only file has no loop state).
+
+    Two checkpoints of one step differ in whether the step's validation had run: one written after it (Lightning
+    counts the batch as completed) is the later of the two. Loading is memory-mapped: no tensor data is read.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step, loops = int(checkpoint["global_step"]), checkpoint["loops"]
+    except Exception:  # truncated, foreign, weights only, not a checkpoint at all: never a candidate
+        return None
+    progress = loops.get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    return step, int(progress.get("total", {}).get("completed", 0))
+
+
+def newest_checkpoint(paths) -> str | None:
+    """The checkpoint among `paths` furthest into training by its recorded position (step, then batches
+    completed, then modification time), whatever the file names; unreadable files are skipped."""
+    positions = {str(p): training_position(p) for p in paths}
+    readable = [(position, os.path.getmtime(p), p) for p, position in positions.items() if position is not None]
+    return max(readable)[2] if readable else None

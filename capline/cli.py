@@ -15,6 +15,7 @@ import sys
 import warnings
 
 import yaml
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -24,6 +25,7 @@ from capline.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkp
 from capline.data.datamodule import CaptionDataModule, DataConfigError
 from capline.models.encoder import EncoderConfigError
 from capline.module import CaptionModule
+from capline.preemption import Preemption, install_signal_handlers
 from capline.preflight import (
     OutputDirError,
     PrecisionError,
@@ -44,6 +46,9 @@ warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 # Lightning hands prediction writers sampler indices; capline's streams have no sampler, and its writer names
 # every image by its key and id instead, so the missing indices lose nothing.
 warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices fetched from your dataloader.*")
+# Outside any SLURM job, Lightning's "srun is available but not used" (printed wherever SLURM is installed) is noise.
+if "SLURM_JOB_ID" not in os.environ:
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 
 # Mistakes in a config or its data: reported in one sentence, without a traceback.
 USER_ERRORS = (DataConfigError, EncoderConfigError, VocabError, CheckpointError, PrecisionError, OutputDirError)
@@ -88,9 +93,16 @@ class CaptionCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs):
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            # capline's Preemption callback handles SLURM's signal; Lightning's would save inside the handler
+            kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make saves atomic
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(callback, Preemption) for callback in trainer.callbacks):
+            trainer.callbacks.append(Preemption())  # last: after ModelCheckpoint at every hook
         return trainer
 
     def _log_resolved_config(self) -> None:
@@ -137,6 +149,8 @@ def _wandb_dir_follows_root(config, root: str) -> None:
 
 def cli_main(args: list[str] | None = None) -> None:
     """Runs the CLI; `args` lets tests drive the real command in-process."""
+    if (args if args is not None else sys.argv[1:])[:1] == ["fit"]:
+        install_signal_handlers()  # a preemption signal during start-up is kept for the first step boundary
     try:
         CaptionCLI(
             CaptionModule,

@@ -44,9 +44,14 @@ def check_precision(precision, accelerator) -> None:
 
 
 def find_last_checkpoint(dirpath: str, root: str) -> str | None:
-    """The newest of `dirpath/last*.ckpt` and the SLURM requeue checkpoints `root/hpc_ckpt_*.ckpt`."""
-    candidates = glob.glob(os.path.join(dirpath, "last*.ckpt")) + glob.glob(os.path.join(root, "hpc_ckpt_*.ckpt"))
-    return max(candidates, key=os.path.getmtime) if candidates else None
+    """What `--ckpt_path last` means: of every checkpoint in `dirpath` (regular, `last`, preemption) and Lightning's
+    SLURM checkpoints `root/hpc_ckpt_*.ckpt`, the one furthest into training by its recorded global step.
+    Half-written saves (`.*.tmp`) are not candidates, nor are files that cannot be read."""
+    from capline.checkpoints import newest_checkpoint
+
+    return newest_checkpoint(
+        glob.glob(os.path.join(dirpath, "*.ckpt")) + glob.glob(os.path.join(root, "hpc_ckpt_*.ckpt"))
+    )
 
 
 def continue_wandb_run(config, checkpoint: dict) -> None:
