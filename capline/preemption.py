@@ -26,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,8 +94,18 @@ def _ignore_in_forked_child() -> None:
     for signum in _previous:
         signal.signal(signum, signal.SIG_IGN)
     # ...and blocked: a PyTorch dataloader worker then installs its own SIGTERM handler (which kills the worker
-    # on a SIGTERM not sent by its parent); a blocked signal is never delivered, whatever the handler.
+    # on a SIGTERM not sent by its parent); a blocked signal is never delivered, whatever the handler. Every
+    # thread of the child inherits the mask; one of them takes the blocked signals and honours only the
+    # parent's SIGTERM (how `_shutdown_workers` ends a worker that does not stop by itself), as PyTorch does.
     signal.pthread_sigmask(signal.SIG_BLOCK, set(_previous))
+    threading.Thread(target=_exit_on_parents_sigterm, args=(set(_previous),), daemon=True).start()
+
+
+def _exit_on_parents_sigterm(signals: set[int]) -> None:
+    while True:
+        info = signal.sigwaitinfo(signals)
+        if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+            os._exit(0)
 
 
 class Preemption(Checkpoint):
@@ -114,15 +125,27 @@ class Preemption(Checkpoint):
         self.filename = filename
         self.requeue_signal = signal.Signals[requeue_signal]
         self.exit_code = exit_code
+        self._restored_metrics: dict = {}  # the logged values a resumed checkpoint held, until training starts
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == TrainerFn.FITTING:
             install_signal_handlers((signal.SIGTERM, self.requeue_signal))
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Lightning restores no logged value: a resumed run's checkpoints between two validations would not see
+        # the monitored metric (no top-k entry, another file name) where the uninterrupted run saw the last one.
+        checkpoint["callback_metrics"] = {k: v.detach().cpu().clone() for k, v in trainer.callback_metrics.items()
+                                          if isinstance(v, torch.Tensor)}  # fmt: skip
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._restored_metrics = checkpoint.get("callback_metrics", {})
+
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning's own SIGTERM handler (installed as fit starts) forwards the signal and broadcasts inside the
         # handler; this one only records it.
         install_signal_handlers((signal.SIGTERM, self.requeue_signal))
+        restored, self._restored_metrics = self._restored_metrics, {}
+        trainer.callback_metrics.update({k: v.to(pl_module.device) for k, v in restored.items()})
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == TrainerFn.FITTING:  # fit ended normally (a preempted one exits with the handlers in place)
