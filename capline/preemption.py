@@ -2,9 +2,10 @@
 
 A signal handler only records which signal came (it may land mid-backward, mid-optimizer step or mid-save; Lightning
 #21406). The main process of every rank acts at the next step boundary, after the optimizer step (after the
-validation, when one follows that step): the ranks agree on a step through an all-reduce (max) of their flags,
+validation, when one follows that step): the ranks agree on a step through an all-reduce (max) of their flags and
 global rank 0 writes `preempt.ckpt` in the checkpoint folder (atomically, replacing the previous one; the name
-holds no number, so no numbering can read it), W&B is finished cleanly, and then
+holds no number, so no numbering can read it). Once Lightning has logged that step (and its epoch's end, if it
+ended one), as the next batch starts, W&B is finished and its service stopped, and then
 
 - after SLURM's requeue signal (`SIGUSR1`, from `#SBATCH --signal=SIGUSR1@90`): the job is requeued once
   (`scontrol requeue $SLURM_JOB_ID`, by global rank 0) and every rank exits with `EXIT_PREEMPTED`;
@@ -12,11 +13,13 @@ holds no number, so no numbering can read it), W&B is finished cleanly, and then
   `EXIT_PREEMPTED` (75, `EX_TEMPFAIL`: "try again later").
 
 Either way global rank 0 prints one line (`capline: preempted: checkpoint at step N written to ... X s after
-SIGTERM; ...`) and no rank prints a traceback.
+SIGTERM; ...`) and no rank prints a traceback. Checkpoints also carry the logged values (`callback_metrics`), which
+Lightning does not restore: a resumed run's checkpoints between validations see the same monitored value.
 
 `capline fit --ckpt_path last` then resumes from the newest checkpoint by recorded global step. Processes forked
 while the handlers are installed (dataloader workers) ignore and block both signals: SLURM signals every process
-of a job step, and a forked worker would otherwise act on its own stale copy of the trainer, or die.
+of a job step, and a forked worker would otherwise act on its own stale copy of the trainer, or die. Only their
+parent's SIGTERM (how PyTorch ends a worker that does not stop by itself) still ends them.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class Preemption(Checkpoint):
         self.requeue_signal = signal.Signals[requeue_signal]
         self.exit_code = exit_code
         self._restored_metrics: dict = {}  # the logged values a resumed checkpoint held, until training starts
+        self._pending: tuple | None = None  # the preemption checkpoint written, until the step's logs are out
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == TrainerFn.FITTING:
@@ -153,32 +157,42 @@ class Preemption(Checkpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not _validation_follows(trainer):  # otherwise on_validation_end decides, once validation is done
-            self._stop_if_signalled(trainer)
+            self._pending = self._checkpoint_if_signalled(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._stop_if_signalled(trainer)
+            self._pending = self._checkpoint_if_signalled(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # Lightning logs a step's training metrics after on_train_batch_end and an epoch's at its end: the run
+        # stops once they are logged, so that the W&B history holds every row of the run that never stopped.
+        if self._pending is not None:
+            self._exit(trainer, *self._pending)
 
     def checkpoint_path(self, trainer) -> Path:
         folder = getattr(trainer.checkpoint_callback, "dirpath", None)
         return Path(folder or os.path.join(trainer.default_root_dir, "checkpoints")) / self.filename
 
-    def _stop_if_signalled(self, trainer) -> None:
+    def _checkpoint_if_signalled(self, trainer) -> tuple[Path, int, str] | None:
+        """Where every rank agrees to stop: writes the preemption checkpoint, returns (path, what the ranks asked
+        for, how long after the signal it was written)."""
         got = received_signal()
         wish = 0 if got is None else _REQUEUE if got[0] == self.requeue_signal and _slurm_job_id() else _STOP
         if trainer.world_size > 1:  # every rank takes part, every step: all stop at the same one
             flag = torch.tensor([wish], device=trainer.strategy.root_device)
             wish = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         if not wish or trainer.global_step >= (trainer.max_steps if trainer.max_steps >= 0 else float("inf")):
-            return  # nothing asked, or the run is finishing anyway
+            return None  # nothing asked, or the run is finishing anyway
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)  # rank 0 writes it; every rank waits for the write
         reason = signal.Signals(got[0]).name if got else "another rank's signal"
-        waited = f" {time.monotonic() - got[1]:.1f} s after {reason}" if got else f" after {reason}"
+        return path, wish, f"{time.monotonic() - got[1]:.1f} s after {reason}" if got else f"after {reason}"
+
+    def _exit(self, trainer, path: Path, wish: int, written: str) -> None:
         if trainer.is_global_zero:
             _finish_loggers(trainer)
             action = _requeue() if wish == _REQUEUE else "resume with --ckpt_path last"
-            print(f"capline: preempted: checkpoint at step {trainer.global_step} written to {path}{waited}; "
+            print(f"capline: preempted: checkpoint at step {trainer.global_step} written to {path} {written}; "
                   f"{action}; exiting with code {self.exit_code}", file=sys.stderr, flush=True)  # fmt: skip
         raise Preempted(self.exit_code)
 
@@ -200,6 +214,11 @@ def _finish_loggers(trainer) -> None:
         if run is not None and callable(getattr(run, "mark_preempting", None)):
             run.mark_preempting()  # shown as "preempted", not "crashed"
             run.finish()
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and callable(getattr(wandb, "teardown", None)):
+        # ...and stops W&B's service process now: a requeue makes SLURM terminate every process of the job, that
+        # one included, and W&B's own exit hook would then fail with a ConnectionResetError traceback
+        wandb.teardown()
 
 
 def _slurm_job_id() -> str | None:

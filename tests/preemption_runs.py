@@ -12,18 +12,33 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE_PATH = ROOT / "tests" / "e2e"  # preemption_probe.StepProbe lives there
 
 
-def fit_args(run: Path, shards: dict, steps: int, devices: int = 1, workers: int = 1) -> list[str]:
-    """`capline fit` arguments: the demo config on the session's small shards, a validation every 6 steps."""
+# The demo's model at a fiftieth of its size (56K parameters, about 0.1 s a step on one core): same architecture,
+# same recipe, so everything a resume must restore is there, in seconds.
+TINY_MODEL = [
+    "--model.encoder.init_args.model_kwargs",
+    '{"features_only": true, "out_indices": [2], "channels": [8, 16, 32, 64], "stem_width": 8}',
+    "--model.decoder.init_args.embed_dim", "16",
+    "--model.decoder.init_args.hidden_dim", "32",
+    "--model.decoder.init_args.attention_dim", "16",
+]  # fmt: skip
+
+
+def fit_args(run: Path, shards: dict, steps: int, devices: int | None = 1, workers: int = 1, batch: int = 16,
+             pace: tuple[float, int] = (0.0, 1)) -> list[str]:  # fmt: skip
+    """`capline fit` arguments: the demo config on the session's small shards, a validation every 6 steps.
+    `devices=None` leaves devices and strategy to the config (or to the sbatch script); `pace` is the probe's
+    (min_step_s, paced_attempts)."""
+    placement = [] if devices is None else ["--trainer.devices", str(devices), "--trainer.strategy",
+                                            "ddp" if devices > 1 else "auto"]  # fmt: skip
     return [
         "--config", str(ROOT / "configs/demo.yaml"),
         "--data.synthetic", "null",
         "--data.train_shards", shards["train_shards"],
         "--data.val_shards", shards["val_shards"],
         "--data.vocab", shards["vocab"],
-        "--data.global_batch_size", "16",
+        "--data.global_batch_size", str(batch),
         "--data.num_workers", str(workers),
-        "--trainer.devices", str(devices),
-        "--trainer.strategy", "ddp" if devices > 1 else "auto",
+        *placement,
         "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", "6",
         "--trainer.limit_val_batches", "2",
@@ -34,6 +49,7 @@ def fit_args(run: Path, shards: dict, steps: int, devices: int = 1, workers: int
         "--model.encoder_finetuning.freeze_steps", "4",  # the recipe's phases are part of what must resume
         "--model.encoder_finetuning.warmup_steps", "2",
         "--trainer.callbacks+=preemption_probe.StepProbe", "--trainer.callbacks.out_dir", str(run / "probe"),
+        "--trainer.callbacks.min_step_s", str(pace[0]), "--trainer.callbacks.paced_attempts", str(pace[1]),
     ]  # fmt: skip
 
 
@@ -62,3 +78,33 @@ def differing_tensors(expected: Path, got: Path) -> list[str]:
 
 def checkpoint_names(run: Path) -> set[str]:
     return {p.name for p in (run / "checkpoints").iterdir()}
+
+
+def wandb_rows(run: Path) -> tuple[set[str], list[dict]]:
+    """(run ids, the history rows of every attempt in order) of the offline W&B runs under `run`."""
+    from wandb_records import read_run, run_files
+
+    runs = [read_run(f) for f in run_files(run)]
+    return {r["run_id"] for r in runs}, [row for r in runs for row in r["history"]]
+
+
+def _comparable(row: dict) -> dict:
+    # what a resumed run must log exactly as the uninterrupted one: not times, not throughput, not artifact paths
+    return {k: v for k, v in row.items() if not k.startswith("_") and "per_sec" not in k and "samples" not in k}
+
+
+def history_differences(straight: Path, preempted: Path) -> list[str]:
+    """How the preempted run's W&B history (all attempts, one run) differs from the uninterrupted run's: W&B's
+    step must count 0, 1, 2... across attempts, and every row hold the same values."""
+    ids, rows = wandb_rows(preempted)
+    _, expected = wandb_rows(straight)
+    problems = [] if len(ids) == 1 else [f"{len(ids)} W&B run ids: {sorted(ids)}"]
+    if [r["_step"] for r in rows] != list(range(len(rows))):
+        problems.append(f"W&B steps are not 0..{len(rows) - 1}: {[r['_step'] for r in rows]}")
+    if len(rows) != len(expected):
+        problems.append(f"{len(rows)} rows, the uninterrupted run logged {len(expected)}")
+    for got, want in zip(rows, expected):
+        if _comparable(got) != _comparable(want):
+            keys = sorted(set(_comparable(got).items()) ^ set(_comparable(want).items()))
+            problems.append(f"row {got['_step']} (step {got.get('trainer/global_step')}) differs: {keys[:4]}")
+    return problems
