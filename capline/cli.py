@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
@@ -90,7 +91,10 @@ class CaptionCLI(LightningCLI):
             checkpoint = read_checkpoint(config.ckpt_path)
             if subcommand == "fit":
                 continue_wandb_run(config, checkpoint)
-        super()._parse_ckpt_path()
+        configured = copy.deepcopy(config.get("model")) if subcommand == "fit" else None
+        super()._parse_ckpt_path()  # the checkpoint's hyper-parameters replace the configured ones...
+        if configured is not None:
+            _keep_configured_training(self.config[subcommand], configured)
 
     def instantiate_trainer(self, **kwargs):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
@@ -134,6 +138,20 @@ class CaptionCLI(LightningCLI):
         if self.trainer.is_global_zero:
             config = os.path.join(log_dir, "config.yaml") if log_dir else None
             print(fit_summary(self.trainer, config), flush=True)
+
+
+def _keep_configured_training(config, configured) -> None:
+    """...for `fit`, the configuration wins: a run continued from a checkpoint with other training settings (an
+    SCST phase added, another schedule) trains with what was asked, and the log says what changed. For `test`,
+    `validate` and `predict` the checkpoint's values stand (they describe the model that was trained)."""
+    wanted, loaded = vars(configured), vars(config.model)
+    changed = [key for key, value in wanted.items() if key in loaded and loaded[key] != value]
+    for key in changed:
+        loaded[key] = wanted[key]
+    if changed:
+        names = ", ".join(f"model.{key}" for key in changed)
+        verb = "differs" if len(changed) == 1 else "differ"
+        print(f"capline: {names} {verb} from the checkpoint's; fit continues with the configured values", file=sys.stderr)
 
 
 def _wandb_dir_follows_root(config, root: str) -> None:

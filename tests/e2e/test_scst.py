@@ -153,3 +153,27 @@ def test_training_shards_without_references_fail_in_one_sentence_before_training
     assert len(errors) == 1 and "model.scst" in errors[0] and "single caption" in errors[0], result.stderr[-2000:]
     assert not list((tmp_path / "norefs").glob("checkpoints/*.ckpt"))  # nothing was trained
     assert time.time() - start < 120
+
+
+@pytest.mark.slow
+def test_scst_added_to_a_finished_cross_entropy_run_trains_with_scst(tmp_path):
+    """`fit --config scst.yaml --ckpt_path <a cross-entropy run's checkpoint>`: Lightning's CLI would put the
+    checkpoint's hyper-parameters (scst: null) over the configured ones; capline keeps the configured ones, says so."""
+    data = tmp_path / "data"
+    args = scst_args(tmp_path, "xe", data)
+    pairs = zip(args[::2], args[1::2])  # the demo's arguments without scst.yaml and the --model.scst ones
+    pairs = [(key, value) for key, value in pairs if "scst" not in key and not value.endswith("scst.yaml")]
+    cross_entropy_only = [arg for pair in pairs for arg in pair]
+    cross_entropy_only += ["--trainer.max_steps", str(SWITCH), "--trainer.val_check_interval", str(SWITCH)]
+    subprocess.run([CAPLINE, "fit", *cross_entropy_only], env=env(tmp_path), check=True, capture_output=True)
+    assert torch.load(tmp_path / "xe/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]["scst"] is None
+
+    continued = scst_args(tmp_path, "continued", data) + [
+        "--trainer.max_steps", str(SWITCH + 4), "--trainer.val_check_interval", "14",
+        "--ckpt_path", str(tmp_path / "xe/checkpoints/last.ckpt"),
+    ]  # fmt: skip
+    result = subprocess.run([CAPLINE, "fit", *continued], env=env(tmp_path), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model.scst differs from the checkpoint's; fit continues with the configured values" in result.stderr
+    run = read_run(run_files(tmp_path / "continued")[0])
+    assert series(run, "train/phase")[-1] == 1.0 and series(run, "train/scst_reward")
