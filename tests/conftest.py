@@ -5,8 +5,16 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from capline.data.synthetic import ensure_synthetic_dataset
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest runs tests in parallel processes (`-n`, see pyproject.toml): one torch thread in each, and in every
+    # process a test starts, so that two workers do not oversubscribe the cores (OpenMP threads spin-wait, and
+    # small ops then run many times slower). A user's own OMP_NUM_THREADS wins.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
