@@ -19,7 +19,7 @@ from cli_runner import CAPLINE  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 NUM_TRAIN, BATCH = 96, 8  # 12 global batches per epoch
-CHECKPOINT_EVERY, KILLED_AT = 4, 6  # last.ckpt at step 4, killed as step 6 starts: mid-epoch, 2 steps lost
+CHECKPOINT_EVERY, KILLED_AT = 4, 6  # last.ckpt at step 4 (after validating), killed as step 6 starts: mid-epoch
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def fit(tmp_path: Path, shards: dict, name: str, devices: int, workers: int, *ex
         "--trainer.max_steps", str(NUM_TRAIN // BATCH),  # one epoch
         "--trainer.default_root_dir", str(run),
         "--trainer.logger.init_args.save_dir", str(run),
-        "--checkpoint.every_n_train_steps", str(CHECKPOINT_EVERY),
+        "--trainer.val_check_interval", str(CHECKPOINT_EVERY),  # each validation writes last.ckpt
         "--model.encoder_finetuning.freeze_steps", "2",  # the encoder trains too: its weights must match as well
         "--trainer.callbacks+=capline.callbacks.ConsumedSamples",
         *extra,
@@ -65,6 +65,7 @@ def killed_then_resumed(tmp_path, shards, before: tuple[int, int], after: tuple[
     killed = fit(tmp_path, shards, "run", *before, "--trainer.callbacks+=killer.KillAtStep",
                  "--trainer.callbacks.step", str(KILLED_AT))  # fmt: skip
     assert killed.returncode != 0  # SIGKILLed
+    assert (tmp_path / "run/consumed/rank0.jsonl").is_file(), killed.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == CHECKPOINT_EVERY
     resumed = fit(tmp_path, shards, "run", *after, "--ckpt_path", "last")
