@@ -99,3 +99,18 @@ def test_scst_rows_compare_scst_and_cross_entropy_steps_and_report_the_reward_sh
         scst_ms, xe_ms = by_name[f"scst_step_ms_{decoder}"]["value"], by_name[f"xe_step_ms_{decoder}"]["value"]
         assert ratio["value"] == pytest.approx(scst_ms / xe_ms)
         assert share["goal"] == "report" and 0 < share["value"] < 1
+
+
+def test_resume_rows_compare_startup_at_10_and_90_percent_and_the_replay_before(bench, capsys, monkeypatch, tmp_path):
+    resume = importlib.import_module("tools.benchmarks.resume")  # shrunk: 4,000 samples in 20 shards
+    monkeypatch.setattr(resume, "SAMPLES", 4000)
+    monkeypatch.setattr(resume, "SHARD_SIZE", 200)
+    monkeypatch.setattr(resume, "prepare_shards", functools.partial(resume.prepare_shards, root=tmp_path / "shards"))
+    bench.main(["--json", "--quick", "--only", "resume"])
+    by_name = {row["name"]: row for row in json_rows(capsys)}
+    for row in by_name.values():
+        check_row(row)
+    ratio = by_name["resume_startup_90pct_vs_10pct"]
+    assert ratio["goal"] == 1.2 and ratio["ok"] == (ratio["value"] <= 1.2)
+    late, replay = by_name["resume_startup_s_at_90pct"]["value"], by_name["resume_replay_s_at_90pct_before"]["value"]
+    assert by_name["resume_startup_90pct_vs_replay_before"]["value"] == pytest.approx(late / replay)

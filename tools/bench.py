@@ -3,7 +3,7 @@
     python tools/bench.py                        # every benchmark at full size
     python tools/bench.py --quick                # under 10 minutes on 2 CPU cores
     python tools/bench.py --quick --json         # the table, then every row as JSON on the last line
-    python tools/bench.py --only data overhead   # some of: data peer overhead beam cider sampling scst gpu
+    python tools/bench.py --only data overhead   # some of: data peer resume overhead beam cider sampling scst gpu
 
 A row is `{"name", "value", "goal", "ok"}` (and sometimes a `note`): `goal` is a number, or "report" for a figure
 without one; `value` and `ok` are null when the row was not measured (no GPU, or the benchmark failed).
@@ -32,6 +32,7 @@ from tools.benchmarks import format_table  # noqa: E402
 BENCHMARKS = {
     "data": "tools.benchmarks.data",  # training dataloader vs bare PIL decode, raw vs pre-resized shards
     "peer": "tools.benchmarks.peer",  # training dataloader vs open_clip's webdataset pipeline, on every layout
+    "resume": "tools.benchmarks.resume",  # loader start-up resuming at 90% vs 10% of a 100k epoch, vs replaying it
     "overhead": "tools.benchmarks.overhead",  # Trainer.fit + CaptionModule vs a bare PyTorch loop
     "beam": "tools.benchmarks.beam",  # batched vs per-image beam search
     "cider": "tools.benchmarks.cider",  # cider_d vs pycocoevalcap

@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import random
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, get_worker_info
 
 from capline.data.decode import SkipCounter, SkipSample, decode_sample
+from capline.data.elastic import stable_seed
 from capline.data.layouts import LayoutReader
-from capline.data.pipeline import pad_sequences, stable_seed
+from capline.data.pipeline import pad_sequences
 from capline.data.synthetic import encode_scene
 from capline.vocab import Vocabulary, tokenize
 
@@ -238,12 +241,13 @@ class RecyclingDataLoader(DataLoader):
 
     def __iter__(self):
         buffers = getattr(getattr(self.dataset, "make_batch", None), "buffers", None)
-        if not self.num_workers or not isinstance(buffers, ImageBuffers):
-            yield from super().__iter__()
-            return
-        flags = buffers.start(self.num_workers)
+        recycling = bool(self.num_workers) and isinstance(buffers, ImageBuffers)
+        flags = buffers.start(self.num_workers) if recycling else None
         held: dict[int, StorageWeakRef] = {}
-        for batch in super().__iter__():
+        for batch in join_worker_parts(super().__iter__(), flags):
+            if flags is None:
+                yield batch
+                continue
             for slot in [s for s, ref in held.items() if ref.expired()]:
                 flags[slot] = 0
                 del held[slot]
@@ -251,6 +255,47 @@ class RecyclingDataLoader(DataLoader):
             if slot >= 0:
                 held[slot] = StorageWeakRef(batch["images"].untyped_storage())
             yield batch
+
+
+def join_worker_parts(batches: Iterator[dict], flags: torch.Tensor | None = None) -> Iterator[dict]:
+    """Joins the parts of each training batch that the workers of a rank make (`TrainStream` marks them
+    `part`: (worker, num_workers); they arrive one after the other, in worker order); other batches pass.
+    The parts' buffers are copied out, so their slots in `flags` are freed at once."""
+    parts: list[dict] = []
+    for batch in batches:
+        if "part" not in batch:
+            yield batch
+            continue
+        parts.append(batch)
+        if len(parts) == batch["part"][1]:
+            assert [p["part"][0] for p in parts] == list(range(len(parts))), "parts out of worker order"
+            joined = join_parts(parts)
+            for slot in (p.get("buffer_slot", -1) for p in parts):
+                if slot >= 0 and flags is not None:
+                    flags[slot] = 0
+            parts = []
+            yield joined
+
+
+def join_parts(parts: list[dict]) -> dict:
+    """One batch from its parts: images, ids, tokens and references concatenated, skip counts summed."""
+    batch = {}
+    for name, first in parts[0].items():
+        values = [p[name] for p in parts]
+        if name in ("part", "buffer_slot"):
+            continue
+        if name == "images":  # (B, 3, H, W) viewed on channels-last memory, like each part
+            batch[name] = torch.cat([v.permute(0, 2, 3, 1) for v in values]).permute(0, 3, 1, 2)
+        elif name == "skipped":
+            batch[name] = sum(values)
+        elif isinstance(first, torch.Tensor):
+            width = max(v.shape[1] for v in values) if first.dim() == 2 else None  # tokens: padded to the longest
+            batch[name] = torch.cat([v if width is None else F.pad(v, (0, width - v.shape[1])) for v in values])
+        elif isinstance(first, list):
+            batch[name] = [item for v in values for item in v]
+        else:
+            batch[name] = first
+    return batch
 
 
 def _pad_refs(refs: list[list[list[int]]], max_refs: int, max_len: int) -> torch.Tensor:

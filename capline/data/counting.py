@@ -41,21 +41,36 @@ def count_tar_samples(path: str | os.PathLike) -> int:
     Only the 512-byte headers are read; member data is skipped by seeking. A tar with long-name or pax headers,
     or a compressed one, is read with `tarfile` instead (slower, same count).
     """
-    count, last = 0, None
+    offsets = tar_sample_offsets(path)
+    return _count_with_tarfile(path) if offsets is None else len(offsets) - 1
+
+
+def tar_sample_offsets(path: str | os.PathLike) -> list[int] | None:
+    """Where each sample of a plain local tar starts (the byte offset of its first header), then where the last
+    one ends; sample i is the bytes `offsets[i]:offsets[i + 1]`. None for a tar with long-name or pax headers, or
+    a compressed one. Only the 512-byte headers are read; member data is skipped by seeking."""
+    offsets, last, end = [], None, 0
     with open(path, "rb") as file:
         while len(header := file.read(_BLOCK)) == _BLOCK and header.strip(b"\0"):
             kind = header[156]
             if kind in b"LKxg" or header[257:262] not in (b"ustar", b"\0\0\0\0\0"):
-                return _count_with_tarfile(path)
+                return None
             size = int(header[124:136].rstrip(b" \0") or b"0", 8)
             if kind in _REGULAR:
-                prefix = header[345:500].split(b"\0", 1)[0]
-                name = header[:100].split(b"\0", 1)[0]
-                name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
+                name = member_name(header)
                 if not name.rpartition("/")[2].startswith("__") and (key := _sample_key(name)) != last:
-                    count, last = count + 1, key
-            file.seek((size + _BLOCK - 1) // _BLOCK * _BLOCK, os.SEEK_CUR)
-    return count
+                    offsets.append(end)
+                    last = key
+            end += _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+            file.seek(end)
+    return offsets + [end] if offsets else [0]
+
+
+def member_name(header: bytes) -> str:
+    """The member name in a ustar header (its prefix field joined to its name field)."""
+    prefix = header[345:500].split(b"\0", 1)[0]
+    name = header[:100].split(b"\0", 1)[0]
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
 
 
 def _count_with_tarfile(path: str | os.PathLike) -> int:
@@ -93,13 +108,19 @@ def _img2dataset_count(path: Path) -> int | None:
 
 def count_samples(urls: list[str]) -> int | None:
     """The samples of all shards, or None when a remote shard is not in an index."""
+    counts = shard_counts(urls)
+    return None if counts is None else sum(counts)
+
+
+def shard_counts(urls: list[str]) -> list[int] | None:
+    """The samples of each shard, or None when a remote shard is not in an index."""
     paths = [local_path(u) for u in urls]
     if any(p is None for p in paths):
         return None
     indexed: dict[str, int] = {}
     for folder in {p.parent for p in paths}:
         indexed |= _indexed_counts(folder)
-    total, headers_read, started = 0, 0, time.perf_counter()
+    counts, headers_read, started = [], 0, time.perf_counter()
     for path in paths:
         count = indexed.get(str(path))
         if count is None:
@@ -107,14 +128,14 @@ def count_samples(urls: list[str]) -> int | None:
         if count is None:
             count = count_tar_samples(path)
             headers_read += 1
-        total += count
+        counts.append(count)
     if headers_read:
         log.info(
             "counted the samples of %d shards from their tar headers in %.1f s (python tools/make_shards.py index "
             "writes %s to skip this)",
             headers_read, time.perf_counter() - started, COUNTS_FILE,
         )  # fmt: skip
-    return total
+    return counts
 
 
 def write_counts(urls: list[str]) -> dict[Path, dict]:

@@ -12,7 +12,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from capline.data.collate import CaptionBatcher, ImageTransform, RecyclingDataLoader
-from capline.data.counting import count_samples
+from capline.data.counting import shard_counts
+from capline.data.elastic import ElasticOrder, even_counts
 from capline.data.groups import merge_image_samples
 from capline.data.images import ImageFileStream, NoImagesError, find_image_files
 from capline.data.layouts import FORMATS, LayoutReader
@@ -69,8 +70,9 @@ class CaptionDataModule(L.LightningDataModule):
             img2dataset's `*_stats.json` or the tar headers; needed for remote shards only).
         max_len: Most words per caption; longer captions are truncated.
         max_refs: Most reference captions per image used for scoring.
-        shuffle_buffer: Samples held in each worker's shuffle buffer.
-        seed: Seed of the data order (with the epoch, rank and worker).
+        shuffle_buffer: Samples shuffled together over a global batch's lanes: each lane shuffles blocks of
+            shuffle_buffer / global_batch_size consecutive samples (see `capline.data.elastic`).
+        seed: Seed of the data order (with the epoch and the global batch size; not the ranks or workers).
         format: The shards' layout: `auto` (detected from each split's first samples, and logged), `capline`,
             `img2dataset` (one sample per caption: `.txt`, or `.json`'s `caption`) or `txt` (one caption per line).
         group_by: img2dataset layout: the `.json` field whose equal values are one image, merged for validation
@@ -194,22 +196,35 @@ class CaptionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         urls = self._require("train_shards")
-        samples = self.samples_per_epoch or count_samples(urls)
+        counts = shard_counts(urls)
+        samples = self.samples_per_epoch or (sum(counts) if counts is not None else None)
         if samples is None:
             raise DataConfigError(
                 "data.samples_per_epoch is not set and remote training shards cannot be counted; set it to the "
                 "number of training samples (or index local copies with tools/make_shards.py index)"
+            )
+        if counts is None:
+            log.warning(
+                "the training shards have no sample counts: the data order assumes %d samples in each of them, "
+                "so an epoch may repeat some samples and miss others (tools/make_shards.py index counts them)",
+                samples // len(urls),
+            )  # fmt: skip
+            counts = even_counts(samples, len(urls))
+        if self.num_workers > self.batch_size:
+            raise DataConfigError(
+                f"data.num_workers {self.num_workers} is more than the {self.batch_size} images of a device's "
+                f"batch: each worker makes part of every batch; use at most {self.batch_size} workers"
             )
         batcher = self._batcher("train_shards", train=True)
         try:
             check_usable(urls, "train_shards", batcher)  # before any worker starts or any step runs
         except NoUsableDataError as err:
             raise DataConfigError(str(err)) from None
-        batches = max(1, samples // self.global_batch_size)
-        self.train_stream = TrainStream(
-            urls, batcher, self.batch_size, self.rank, self.world_size,
-            batches_per_epoch=batches, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+        order = ElasticOrder(
+            tuple(counts), self.global_batch_size, batches_per_epoch=max(1, samples // self.global_batch_size),
+            seed=self.seed, block=-(-self.shuffle_buffer // self.global_batch_size),
         )  # fmt: skip
+        self.train_stream = TrainStream(urls, batcher, order, self.rank, self.world_size)
         # The first epoch's loader iterator is created before on_train_epoch_start: position the stream now.
         self.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return self._loader(self.train_stream, stream_state=self)  # resumable: Lightning saves its position
@@ -253,14 +268,22 @@ class CaptionDataModule(L.LightningDataModule):
         self.train_stream.start_batch = resume_batch if epoch == resume_epoch else 0
 
     def state_dict(self) -> dict:
-        """The training stream's position, saved in every checkpoint: (epoch, batches consumed in it)."""
+        """The training stream's position, saved in every checkpoint: (epoch, global batches consumed in it)."""
         if self.trainer is None or self.train_stream is None:
             return {}
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed,
+                "global_batch_size": self.global_batch_size}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "epoch" in state_dict:
+            saved = state_dict.get("global_batch_size", self.global_batch_size)
+            if saved != self.global_batch_size:
+                log.warning(
+                    "resuming with data.global_batch_size %d, the checkpoint's was %d: the data order changes, so "
+                    "the rest of this epoch may repeat or miss samples",
+                    self.global_batch_size, saved,
+                )  # fmt: skip
             self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches"]))
             if self.train_stream is not None:  # called by the loader, after train_dataloader positioned the stream
                 self.set_epoch(self.trainer.current_epoch if self.trainer is not None else self._resume_at[0])

@@ -1,7 +1,8 @@
-"""WebDataset streams for training (fixed batches per rank, deterministic, resumable) and evaluation (exactly once).
+"""WebDataset streams for training (the elastic order of `capline.data.elastic`, resumable on any number of
+processes and workers) and evaluation (exactly once).
 
-Every dataloader worker on every rank is one *slot*. Shards are split across slots; with fewer shards than
-slots, every slot reads all shards and keeps every n-th sample, so slots never share a sample either way.
+For evaluation, every dataloader worker on every rank is one *slot*. Shards are split across slots; with fewer
+shards than slots, every slot reads all shards and keeps every n-th sample, so slots never share a sample.
 """
 
 from __future__ import annotations
@@ -9,16 +10,16 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import random
 import tarfile
-import zlib
 from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from capline.data.counting import local_path, member_name, tar_sample_offsets
 from capline.data.decode import SkipCounter
+from capline.data.elastic import ElasticOrder, slot_lanes
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +27,16 @@ RawSample = dict
 BatchFn = Callable[[list[RawSample], SkipCounter, int], dict]
 
 
-def stable_seed(*parts) -> int:
-    """A seed from any values, identical in every process (Python's `hash` of a str is not)."""
-    return zlib.crc32("/".join(map(str, parts)).encode("utf-8", "surrogatepass"))  # tar names may not be UTF-8
-
-
 def sample_id(raw: RawSample) -> str:
     """A sample's name across a shard list: its shard's URL and its key."""
     return f"{raw.get('__url__')}\t{raw['__key__']}"
 
 
-def worker_slot(rank: int, world_size: int, rotate: int = 0) -> tuple[int, int, int, int]:
-    """Returns (slot, num_slots, logical worker, num_workers) of the calling dataloader worker.
-
-    `rotate` renumbers workers so that after resuming at batch b the first worker the loader polls continues
-    the stream of the worker that would have produced batch b.
-    """
+def worker_slot(rank: int, world_size: int) -> tuple[int, int, int, int]:
+    """Returns (slot, num_slots, worker, num_workers) of the calling dataloader worker."""
     info = get_worker_info()
     worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-    logical = (worker + rotate) % num_workers
-    return rank * num_workers + logical, world_size * num_workers, logical, num_workers
+    return rank * num_workers + worker, world_size * num_workers, worker, num_workers
 
 
 def assign_shards(urls: list[str], slot: int, num_slots: int) -> tuple[list[str], bool]:
@@ -111,50 +102,132 @@ def _local_tar_files(path: str, url: str, handler: Callable[[Exception], bool]) 
 
 
 class TrainStream(_Stream):
-    """An endless, deterministic stream cut into epochs of exactly `batches_per_epoch` batches per rank.
+    """An endless, deterministic stream cut into epochs of exactly `order.batches_per_epoch` batches per rank.
 
-    The order is a function of (seed, epoch, rank, worker) only. `start_batch` resumes inside an epoch: the
-    batches already consumed are re-read from the tar files but never decoded.
+    The order is `order`'s (seed, epoch, global batch size), whatever the number of ranks and workers. With
+    several workers, each yields its part of every batch, marked `part` (worker, num_workers), and the loader
+    joins the parts (`capline.data.collate.join_worker_parts`). `start_batch` resumes inside an epoch: each lane reads
+    from the block it is in; nothing consumed before it is read again.
     """
 
-    def __init__(self, *args, batches_per_epoch: int, seed: int = 0, shuffle_buffer: int = 1000, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.batches_per_epoch = batches_per_epoch
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
+    def __init__(self, urls: list[str], make_batch: BatchFn, order: ElasticOrder, rank: int = 0, world_size: int = 1):
+        super().__init__(urls, make_batch, order.batch_size // world_size, rank, world_size)
+        self.order = order
         self.start_batch = 0
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def _slot_samples(self, slot: int, num_slots: int, counter: SkipCounter) -> Iterator[RawSample]:
-        # One shard order per epoch, shared by every slot so the split into slots is a partition.
-        order = random.Random(stable_seed(self.seed, self.epoch)).sample(self.urls, len(self.urls))
-        mine, stride = assign_shards(order, slot, num_slots)
-        for repeat in itertools.count():  # a slot that runs out of shards before the epoch ends starts over
-            shards = random.Random(stable_seed(self.seed, self.epoch, slot, repeat)).sample(mine, len(mine))
-            samples = self._read(shards, counter)
-            if stride:
-                samples = itertools.islice(samples, slot, None, num_slots)
-            # Shuffled within one pass over the slot's shards, so a small slot never holds a sample twice.
-            rng = random.Random(stable_seed(self.seed, self.epoch, slot, repeat, "shuffle"))
-            yielded = 0
-            for sample in wds.filters._shuffle(samples, self.shuffle_buffer, rng=rng):
-                yielded += 1
-                yield sample
-            if not yielded:  # starting over would loop forever
-                raise RuntimeError(f"no readable sample in the training shards {shards[:3]} (all empty or broken)")
+        return self.order.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict]:
-        slot, num_slots, worker, num_workers = worker_slot(self.rank, self.world_size, rotate=self.start_batch)
-        quota = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
-        done = self.start_batch // num_workers + (worker < self.start_batch % num_workers)
+        _, _, worker, num_workers = worker_slot(self.rank, self.world_size)
         counter = SkipCounter()
-        samples = self._slot_samples(slot, num_slots, counter)
-        for index in range(quota):
-            chunk = list(itertools.islice(samples, self.batch_size))
-            if index >= done:
-                yield self.make_batch(chunk, counter, self.epoch)
+        reader = SampleReader(self.urls, self.order.locator(self.epoch), counter)
+        lanes = [
+            self._lane(reader, lane) for lane in slot_lanes(self.batch_size * self.world_size, self.rank,
+                                                            self.world_size, worker, num_workers)
+        ]  # fmt: skip
+        for _ in range(self.start_batch, self.order.batches_per_epoch):
+            part = [raw for raw in (next(lane, None) for lane in lanes) if raw is not None]
+            batch = self.make_batch(part, counter, self.epoch)
+            if num_workers > 1:
+                batch["part"] = (worker, num_workers)
+            yield batch
+
+    def _lane(self, reader: SampleReader, lane: int) -> Iterator[RawSample | None]:
+        for positions in self.order.lane_blocks(self.epoch, lane, self.start_batch):
+            samples = reader.read(lane, positions)
+            yield from (samples.get(p) for p in positions)  # None: a sample the shard did not hold
+
+
+class SampleReader:
+    """Reads samples by epoch position: local plain tars at the byte offsets of their samples (found from the
+    headers once per shard), any other shard as a stream from its start, kept open per lane while the lane reads
+    on in the same shard."""
+
+    def __init__(self, urls: list[str], locate: Callable[[int], tuple[int, int]], counter: SkipCounter):
+        self.urls, self.locate, self.counter = urls, locate, counter
+        self._offsets: dict[int, list[int] | None] = {}
+        self._streams: dict[int, tuple[int, int, Iterator[RawSample]]] = {}  # lane: (shard, next index, stream)
+        self._broken: set[int] = set()
+
+    def read(self, lane: int, positions: list[int]) -> dict[int, RawSample]:
+        """{position: sample} for the samples at `positions` (read in shard order; missing ones left out)."""
+        found = {}
+        located = sorted((self.locate(p), p) for p in positions)
+        for shard, run in itertools.groupby(located, key=lambda item: item[0][0]):
+            run = list(run)
+            samples = self._read_shard_run(lane, shard, [index for (_, index), _ in run])
+            found.update((p, s) for (_, p), s in zip(run, samples) if s is not None)
+        return found
+
+    def _read_shard_run(self, lane: int, shard: int, indices: list[int]) -> list[RawSample | None]:
+        if shard not in self._offsets:
+            path = local_path(self.urls[shard])
+            try:
+                self._offsets[shard] = tar_sample_offsets(path) if path is not None and _plain_file(path) else None
+            except OSError:  # read as a stream, which counts it as broken
+                self._offsets[shard] = None
+        offsets = self._offsets[shard]
+        if offsets is None:
+            return self._stream_run(lane, shard, indices)
+        url, out = self.urls[shard], []
+        with open(local_path(url), "rb", buffering=0) as file:
+            for i in indices:
+                sample = None
+                if i + 1 < len(offsets):
+                    start, stop = offsets[i], offsets[i + 1]
+                    sample = _parse_sample(os.pread(file.fileno(), stop - start, start), stop - start, url)
+                if sample is None:
+                    self._mark_broken(shard)
+                out.append(sample)
+        return out
+
+    def _stream_run(self, lane: int, shard: int, indices: list[int]) -> list[RawSample | None]:
+        current, next_index, stream = self._streams.get(lane, (-1, 0, iter(())))
+        if current != shard or next_index > indices[0]:
+            next_index, stream = 0, _Stream._read_shard(self.urls[shard], self.counter)
+        out = []
+        for i in indices:
+            sample = next(itertools.islice(stream, i - next_index, None), None)
+            next_index = i + 1
+            out.append(sample)
+        self._streams[lane] = (shard, next_index, stream)
+        return out
+
+    def _mark_broken(self, shard: int) -> None:
+        if shard not in self._broken:
+            self._broken.add(shard)
+            self.counter.add("broken_shard")
+            log.debug("shard %s holds fewer readable samples than it was counted with", self.urls[shard])
+
+
+def _plain_file(path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(2) not in (b"\x1f\x8b", b"BZ", b"\xfd7")  # gzip, bzip2, xz: read as a stream
+    except OSError:
+        return False
+
+
+def _parse_sample(data: bytes, size: int, url: str) -> RawSample | None:
+    """The sample in `data`, the bytes of its run of tar members; None when they are cut short."""
+    sample, at = {}, 0
+    while at + 512 <= len(data):
+        header = data[at : at + 512]
+        length = int(header[124:136].rstrip(b" \0") or b"0", 8)
+        body = data[at + 512 : at + 512 + length]
+        if len(body) < length:
+            return None
+        name = member_name(header)
+        base, _, extension = name.rpartition("/")[2].partition(".")
+        if header[156] in (ord("0"), 0) and extension and not base.startswith("__"):
+            folder = name.rpartition("/")[0]
+            sample.setdefault("__key__", f"{folder}/{base}" if folder else base)
+            sample[extension.lower()] = body
+        at += 512 + (length + 511) // 512 * 512
+    if at != size or "__key__" not in sample:
+        return None
+    return sample | {"__url__": url}
 
 
 class EvalStream(_Stream):

@@ -5,7 +5,10 @@ import itertools
 import pytest
 from torch.utils.data import DataLoader
 
+from capline.data.collate import join_worker_parts
+from capline.data.counting import shard_counts
 from capline.data.datamodule import expand_shards
+from capline.data.elastic import ElasticOrder
 from capline.data.pipeline import EvalStream, TrainStream
 
 
@@ -15,11 +18,13 @@ def keys_only(raw_samples, counter, epoch):
 
 def run(stream, num_workers=0):
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
-    return [b["keys"] for b in loader]
+    return [b["keys"] for b in join_worker_parts(iter(loader))]
 
 
-def train_stream(urls, rank=0, world_size=1, batches=6, batch_size=16, **kw):
-    return TrainStream(urls, keys_only, batch_size, rank, world_size, batches_per_epoch=batches, **kw)
+def train_stream(urls, rank=0, world_size=1, batches=6, batch_size=16, make_batch=keys_only, **kw):
+    """A rank's training stream; `batch_size` images per rank."""
+    order = ElasticOrder(tuple(shard_counts(urls)), batch_size * world_size, batches, **kw)
+    return TrainStream(urls, make_batch, order, rank, world_size)
 
 
 @pytest.mark.parametrize("num_shards,world_size,num_workers", [(4, 2, 0), (4, 2, 2), (1, 2, 2), (3, 2, 1)])
@@ -63,7 +68,7 @@ def test_skipped_batches_are_never_decoded(synthetic_data):
         calls.append(1)
         return keys_only(raw, counter, epoch)
 
-    stream = TrainStream(urls, counting, 16, batches_per_epoch=6)
+    stream = train_stream(urls, make_batch=counting)
     stream.start_batch = 4
     assert len(run(stream)) == 2 and len(calls) == 2
 
