@@ -151,7 +151,8 @@ def _keep_configured_training(config, configured) -> None:
     if changed:
         names = ", ".join(f"model.{key}" for key in changed)
         verb = "differs" if len(changed) == 1 else "differ"
-        print(f"capline: {names} {verb} from the checkpoint's; fit continues with the configured values", file=sys.stderr)
+        message = f"capline: {names} {verb} from the checkpoint's; fit continues with the configured values"
+        print(message, file=sys.stderr)
 
 
 def _wandb_dir_follows_root(config, root: str) -> None:

@@ -4,7 +4,9 @@ CIDEr-D against five templated references rewards getting most words right; a re
 true. The generator knows every scene (`capline.data.synthetic`), so truth is exact here:
 
 - `scene_accuracy`: the caption is one the generator could have written for the scene, in any of its five
-  wordings, either object first: both objects' size, colour and shape and their relation are right.
+  wordings, either object first: both objects' size, colour and shape and their relation are right. The
+  relational wordings also count with the generator's own phrases interchanged ("to the left of" / "left of",
+  "there is" before them or not, "is" between the objects or not): same meaning, and SCST writes such blends.
 - `objects_correct`: both objects are named with the right colour and shape (every "<colour> <shape>" in the
   caption is one of the scene's two objects, and both are there).
 - `relation_correct`: with sizes and colours set aside, the caption is one of the generator's wordings of the
@@ -39,7 +41,21 @@ def true_captions(codes: tuple[int, ...]) -> frozenset[tuple[str, ...]]:
     first, second, relation = decode_scene(list(codes))
     inverse = {"left": "right", "right": "left", "above": "below", "below": "above"}[relation]
     captions = scene_captions(first, second, relation) + scene_captions(second, first, inverse)
-    return frozenset(tuple(tokenize(c)) for c in captions)
+    return frozenset(tuple(tokenize(c)) for c in captions + _rephrasings(first, second, relation, inverse))
+
+
+def _rephrasings(first: dict, second: dict, relation: str, inverse: str) -> list[str]:
+    """The generator's relational wordings with its own phrases interchanged: "to the left of" or "left of", with
+    or without "there is" before the sentence (SCST writes such blends: they mean what the wordings mean)."""
+    phrases = {"left": ("to the left of", "left of"), "right": ("to the right of", "right of"),
+               "above": ("above",), "below": ("below",)}  # fmt: skip
+    out = []
+    for a, b, rel in ((first, second, relation), (second, first, inverse)):
+        a_full, b_full = (f"{o['size']} {o['colour']} {o['shape']}" for o in (a, b))
+        for phrase in phrases[rel]:
+            out += [f"a {a_full} {phrase} a {b_full}", f"there is a {a_full} {phrase} a {b_full}"]
+            out.append(f"a {a_full} is {phrase} a {b_full}")
+    return out
 
 
 @lru_cache(maxsize=65536)

@@ -29,8 +29,16 @@ def _scene(index: int) -> tuple[list[int], list[list[float]], list[str]]:
     return codes, boxes, captions
 
 
+def _blends(first: dict, second: dict, relation: str) -> list[str]:
+    """Relational wordings with the generator's phrases interchanged, as SCST writes them."""
+    long, short = {"left": ("to the left of", "left of"), "right": ("to the right of", "right of"),
+                   "above": ("above", "above"), "below": ("below", "below")}[relation]  # fmt: skip
+    a, b = (f"{o['size']} {o['colour']} {o['shape']}" for o in (first, second))
+    return [f"there is a {a} {long} a {b}", f"a {a} {short} a {b}", f"a {a} is {short} a {b}"]
+
+
 def _captions(first: dict, second: dict, relation: str) -> list[list[str]]:
-    return [tokenize(c) for c in scene_captions(first, second, relation)]
+    return [tokenize(c) for c in scene_captions(first, second, relation) + _blends(first, second, relation)]
 
 
 def _other(table, value):
@@ -42,7 +50,8 @@ def test_every_wording_in_either_order_is_true(index):
     codes, _, captions = _scene(index)
     first, second, relation = decode_scene(codes)
     swapped_order = scene_captions(second, first, INVERSE[relation])  # the same scene, the other object first
-    for caption in captions + swapped_order:
+    blends = _blends(first, second, relation) + _blends(second, first, INVERSE[relation])
+    for caption in captions + swapped_order + blends:
         assert judge_caption(tokenize(caption), codes) == (True, True, True), caption
 
 
