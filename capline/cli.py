@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 import warnings
@@ -50,6 +51,10 @@ warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices fe
 # Outside any SLURM job, Lightning's "srun is available but not used" (printed wherever SLURM is installed) is noise.
 if "SLURM_JOB_ID" not in os.environ:
     warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
+# Lightning's advertisement for its own cloud logger, printed at every start: capline logs to W&B.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
+)
 
 # Mistakes in a config or its data: reported in one sentence, without a traceback.
 USER_ERRORS = (DataConfigError, EncoderConfigError, VocabError, CheckpointError, PrecisionError, OutputDirError)

@@ -35,6 +35,8 @@ class WandbLogger(_LightningWandbLogger):
         if mode:  # the environment wins over the config's `offline`, as W&B users expect
             kwargs["offline"] = mode in ("offline", "dryrun")
         super().__init__(*args, save_dir=save_dir, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # wandb >= 0.22 warns that it ignores the setting, even unset
+            del self._wandb_init["anonymous"]
         self._replayed_up_to: int | None = None  # last trainer step an earlier job logged
         self._wandb_step = 0
 

@@ -49,14 +49,16 @@ from capline.data.coco import (
     write_coco_shards,
 )
 from capline.data.counting import COUNTS_FILE, write_counts
-from capline.data.datamodule import DataConfigError, expand_shards
 from capline.data.decode import SkipCounter
 from capline.data.flickr import flickr_images, load_flickr_captions, load_karpathy_images, load_split_list
 from capline.data.groups import shard_captions
 from capline.data.layouts import FORMATS, LayoutReader
+from capline.data.shardlist import DataConfigError, expand_shards
 from capline.data.synthetic import ensure_synthetic_dataset
 from capline.data.usable import NoUsableDataError, detect_shard_layout
 from capline.vocab import Vocabulary
+
+log = logging.getLogger("make_shards")
 
 
 class UsageError(Exception):
@@ -207,7 +209,7 @@ def write_images(args: argparse.Namespace, images: list[CocoImage]) -> int:
 
 def reader_for(args: argparse.Namespace, urls: list[str]) -> LayoutReader:
     try:
-        layout = args.format if args.format != "auto" else detect_shard_layout(urls, "shards")
+        layout = args.format if args.format != "auto" else detect_shard_layout(urls, "shards", announce=log.info)
     except NoUsableDataError as err:
         raise UsageError(str(err).replace("data.shards: ", "--shards: ")) from None
     return LayoutReader(layout)

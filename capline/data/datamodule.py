@@ -8,7 +8,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader
 
 from capline.data.collate import CaptionBatcher, ImageTransform, RecyclingDataLoader
@@ -18,14 +17,11 @@ from capline.data.groups import merge_image_samples
 from capline.data.images import ImageFileStream, NoImagesError, find_image_files
 from capline.data.layouts import FORMATS, LayoutReader
 from capline.data.pipeline import EvalStream, TrainStream
+from capline.data.shardlist import DataConfigError, expand_shards
 from capline.data.usable import NoUsableDataError, check_usable, detect_shard_layout
 from capline.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
-
-
-class DataConfigError(ValueError):
-    """A data setting that cannot work (no matching shards, indivisible batch size...)."""
 
 
 @dataclass
@@ -37,18 +33,6 @@ class SyntheticData:
     num_val: int = 500  # validation images
     image_size: int = 64  # pixels per side
     seed: int = 0  # scenes are a function of (seed, index)
-
-
-def expand_shards(pattern: str | list[str], name: str) -> list[str]:
-    """Expands brace patterns; local shards must exist, remote URLs are left to webdataset to open."""
-    urls = wds.shardlists.expand_urls(pattern) if isinstance(pattern, str) else list(pattern)
-    local = [u for u in urls if "://" not in u or u.startswith("file://")]
-    missing = [u for u in local if not Path(u.removeprefix("file://")).is_file()]
-    if urls and len(missing) == len(urls):
-        raise DataConfigError(f"data.{name} pattern {pattern!r} matches no file")
-    if missing:
-        raise DataConfigError(f"data.{name}: {len(missing)} of {len(urls)} shards are missing, e.g. {missing[0]!r}")
-    return urls
 
 
 class CaptionDataModule(L.LightningDataModule):

@@ -5,10 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
-
-from lightning.pytorch.utilities import rank_zero_info
 
 from capline.data.decode import SkipCounter, SkipSample, decode_sample
 from capline.data.layouts import UnknownLayoutError, detect_layout, looks_like
@@ -38,8 +36,15 @@ def _first_samples(urls: list[str], counter: SkipCounter, limit: int, max_shards
                 log.debug("closing %s early: %r", url, err)
 
 
-def detect_shard_layout(urls: list[str], name: str) -> str:
-    """The layout of a split's first shard, from its first samples; logged on rank 0 (the detection line)."""
+def _rank_zero_info(message: str) -> None:
+    """Lightning's rank-zero INFO line, imported when first used: `tools/make_shards.py` runs without Lightning."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(message)
+
+
+def detect_shard_layout(urls: list[str], name: str, announce: Callable[[str], None] = _rank_zero_info) -> str:
+    """The layout of a split's first shard, from its first samples; `announce` says it (by default on rank 0)."""
     samples = list(_first_samples(urls, SkipCounter(), DETECT_SAMPLES, max_shards=1))
     shard = PurePosixPath(urls[0]).name
     try:
@@ -49,7 +54,7 @@ def detect_shard_layout(urls: list[str], name: str) -> str:
             f"data.{name}: {shard}: {err}; capline reads a .jpg/.jpeg/.png/.webp image with a capline .json, "
             f"an img2dataset .txt/.json or a .txt of captions (data.format: capline, img2dataset or txt)"
         ) from None
-    rank_zero_info(f"data.format auto: data.{name} holds {layout} shards ({evidence} of {shard})")
+    announce(f"data.format auto: data.{name} holds {layout} shards ({evidence} of {shard})")
     return layout
 
 

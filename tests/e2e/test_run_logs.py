@@ -60,6 +60,8 @@ def test_resume_is_quiet_and_the_run_ends_with_a_summary(tmp_path, synthetic_dat
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 6
     assert "Restoring states from the checkpoint" in resumed.stderr  # resumed mid-epoch (32 batches an epoch)...
     assert "not resumable" not in resumed.stderr  # ...and Lightning knows the stream resumes
+    for job in (first, resumed):  # no library line that contradicts capline or only advertises
+        assert "anonymous setting" not in job.stderr and "litlogger" not in job.stderr + job.stdout
 
     wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2  # the first job's and the resumed job's files of the same run, under the root
