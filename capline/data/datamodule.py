@@ -247,8 +247,14 @@ class CaptionDataModule(L.LightningDataModule):
         """Positions the training stream at the start of `epoch`, or where a resumed checkpoint left it."""
         if self.train_stream is None:
             return
-        self.train_stream.set_epoch(epoch)
         resume_epoch, resume_batch = self._resume_at or (-1, 0)
+        if resume_batch >= self.train_stream.order.batches_per_epoch:
+            # Saved after the epoch's last batch, before the epoch ended (a step-boundary checkpoint): Lightning's
+            # fit loop counts that epoch done and resumes in the next one without calling on_train_epoch_start,
+            # so the stream serves the next epoch from its start.
+            resume_epoch, resume_batch = resume_epoch + 1, 0
+            epoch = max(epoch, resume_epoch)
+        self.train_stream.set_epoch(epoch)
         self.train_stream.start_batch = resume_batch if epoch == resume_epoch else 0
 
     def state_dict(self) -> dict:

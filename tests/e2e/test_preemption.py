@@ -63,14 +63,14 @@ def first_signalled_step(run: Path, rank: int = 0) -> int:
 
 
 def check_preempted_then_resumed(tmp_path: Path, shards: dict, devices: int, workers: int, whole_group: bool,
-                                 after_step: int):  # fmt: skip
+                                 after_step: int, extra: tuple[str, ...] = ()):  # fmt: skip
     env = run_env(tmp_path)
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    done = subprocess.run([CAPLINE, "fit", *fit_args(straight, shards, STEPS, devices, workers)], env=env,
+    done = subprocess.run([CAPLINE, "fit", *fit_args(straight, shards, STEPS, devices, workers), *extra], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
 
-    args = fit_args(preempted, shards, STEPS, devices, workers)
+    args = [*fit_args(preempted, shards, STEPS, devices, workers), *extra]
     code, seconds, stderr = sigterm_at_step([CAPLINE, "fit", *args], env, preempted, after_step, whole_group)
     assert code == EXIT_PREEMPTED, stderr[-3000:]
     assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
@@ -108,6 +108,13 @@ def test_sigterm_to_two_ddp_ranks_and_their_workers_stops_both_at_one_step(tmp_p
     # SLURM and torchrun signal every process: the ranks and their dataloader workers all get SIGTERM
     # ...and a step with no validation after it (step 8 or 9)
     check_preempted_then_resumed(tmp_path, synthetic_data, devices=2, workers=1, whole_group=True, after_step=7)
+
+
+@pytest.mark.slow
+def test_sigterm_at_the_last_step_of_an_epoch_resumes_exactly(tmp_path, synthetic_data):
+    # 8 steps an epoch: the checkpoint is written after the epoch's last step, before Lightning ends the epoch
+    check_preempted_then_resumed(tmp_path, synthetic_data, devices=1, workers=1, whole_group=False, after_step=7,
+                                 extra=("--data.samples_per_epoch", "128"))  # fmt: skip
 
 
 def _fake_checkpoint(path: Path, step: int, completed: int, loops: bool = True) -> Path:
