@@ -10,7 +10,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from capline.data.collate import CaptionBatcher, ImageTransform, RecyclingDataLoader
+from capline.data.buffers import RecyclingDataLoader
+from capline.data.collate import CaptionBatcher, ImageTransform
 from capline.data.counting import shard_counts
 from capline.data.elastic import ElasticOrder, even_counts
 from capline.data.groups import merge_image_samples

@@ -18,13 +18,14 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from capline.data.counting import local_path, member_name, tar_sample_offsets
+from capline.data.buffers import BatchPlace
 from capline.data.decode import SkipCounter
 from capline.data.elastic import ElasticOrder, slot_lanes
 
 log = logging.getLogger(__name__)
 
 RawSample = dict
-BatchFn = Callable[[list[RawSample], SkipCounter, int], dict]
+BatchFn = Callable[..., dict]  # (samples, counter, epoch, place: BatchPlace | None) -> batch
 
 
 def sample_id(raw: RawSample) -> str:
@@ -118,20 +119,23 @@ class TrainStream(_Stream):
     def __len__(self) -> int:
         return self.order.batches_per_epoch
 
+    @property
+    def ring_batch_size(self) -> int:
+        """Images per buffer of the loader's ring (`capline.data.buffers`): the rank's batch, which each worker
+        writes its part of in place."""
+        return self.batch_size
+
     def __iter__(self) -> Iterator[dict]:
         _, _, worker, num_workers = worker_slot(self.rank, self.world_size)
         counter = SkipCounter()
         reader = SampleReader(self.urls, self.order.locator(self.epoch), counter)
-        lanes = [
-            self._lane(reader, lane) for lane in slot_lanes(self.batch_size * self.world_size, self.rank,
-                                                            self.world_size, worker, num_workers)
-        ]  # fmt: skip
-        for _ in range(self.start_batch, self.order.batches_per_epoch):
+        my_lanes = slot_lanes(self.batch_size * self.world_size, self.rank, self.world_size, worker, num_workers)
+        lanes = [self._lane(reader, lane) for lane in my_lanes]
+        for index in range(self.start_batch, self.order.batches_per_epoch):
             part = [raw for raw in (next(lane, None) for lane in lanes) if raw is not None]
-            batch = self.make_batch(part, counter, self.epoch)
-            if num_workers > 1:
-                batch["part"] = (worker, num_workers)
-            yield batch
+            place = BatchPlace(index, first_row=my_lanes.start - self.rank * self.batch_size)
+            batch = self.make_batch(part, counter, self.epoch, place)
+            yield batch | {"part": (worker, num_workers)} if num_workers > 1 else batch
 
     def _lane(self, reader: SampleReader, lane: int) -> Iterator[RawSample | None]:
         for positions in self.order.lane_blocks(self.epoch, lane, self.start_batch):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from capline.data.collate import join_worker_parts
+from capline.data.buffers import join_worker_parts
 from capline.data.counting import shard_counts
 from capline.data.datamodule import CaptionDataModule
 from capline.data.elastic import ElasticOrder
@@ -23,7 +23,7 @@ SIZES = [37, 5, 60, 0, 26, 16]  # 144 samples, uneven shards (one empty); the fi
 BATCH = 12  # global batch: 12 batches per epoch
 
 
-def keys_only(raw_samples, counter, epoch):
+def keys_only(raw_samples, counter, epoch, place=None):
     return {"keys": [r["__key__"] for r in raw_samples]}
 
 

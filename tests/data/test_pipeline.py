@@ -5,14 +5,14 @@ import itertools
 import pytest
 from torch.utils.data import DataLoader
 
-from capline.data.collate import join_worker_parts
+from capline.data.buffers import join_worker_parts
 from capline.data.counting import shard_counts
 from capline.data.datamodule import expand_shards
 from capline.data.elastic import ElasticOrder
 from capline.data.pipeline import EvalStream, TrainStream
 
 
-def keys_only(raw_samples, counter, epoch):
+def keys_only(raw_samples, counter, epoch, place=None):
     return {"keys": [r["__key__"] for r in raw_samples], "epoch": epoch}
 
 
@@ -64,7 +64,7 @@ def test_skipped_batches_are_never_decoded(synthetic_data):
     urls = expand_shards(synthetic_data["train_shards"], "train_shards")
     calls = []
 
-    def counting(raw, counter, epoch):
+    def counting(raw, counter, epoch, place=None):
         calls.append(1)
         return keys_only(raw, counter, epoch)
 
