@@ -98,7 +98,7 @@ class ImageBuffers:
             if workers and torch._C._storage_Use_Count(main.storages[slot]._cdata) == main.unused[slot]:
                 self.flags[[self._ring_flag(slot, w) for w in workers]] = 0
                 workers.clear()
-        for ref, slots in [h for h in main.held if h[0].expired()]:
+        for _, slots in [h for h in main.held if h[0].expired()]:
             self.flags[slots] = 0
         main.held = [h for h in main.held if not h[0].expired()]
         if batch.get("buffer_slots"):

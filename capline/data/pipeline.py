@@ -17,8 +17,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from capline.data.counting import local_path, member_name, tar_sample_offsets
 from capline.data.buffers import BatchPlace
+from capline.data.counting import local_path, member_name, tar_sample_offsets
 from capline.data.decode import SkipCounter
 from capline.data.elastic import ElasticOrder, slot_lanes
 
