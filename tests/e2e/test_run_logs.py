@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_only_the_training_loader_of_capline_is_resumable():
-    from capline.data.collate import RecyclingDataLoader
+    from capline.data.buffers import RecyclingDataLoader
 
     class Position:
         def state_dict(self):
