@@ -13,7 +13,9 @@ import logging
 import os
 import tarfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -38,31 +40,90 @@ def _sample_key(name: str) -> str:
 def count_tar_samples(path: str | os.PathLike) -> int:
     """The samples of a local tar shard (runs of members with one key, as webdataset groups them).
 
-    Only the 512-byte headers are read; member data is skipped by seeking. A tar with long-name or pax headers,
-    or a compressed one, is read with `tarfile` instead (slower, same count).
+    Only the headers are read; member data is skipped. A compressed tar is read with `tarfile` instead (slower,
+    same count).
     """
     offsets = tar_sample_offsets(path)
     return _count_with_tarfile(path) if offsets is None else len(offsets) - 1
 
 
+class TarMember(NamedTuple):
+    start: int  # the offset of its first header (the pax or GNU long-name header before it, if any)
+    name: str
+    regular: bool  # a regular file (not a folder, link or device)
+    data: int  # the offset of its data
+    size: int
+    end: int  # the offset after its data, padded to the block: where the next member starts
+
+
+class NotATar(ValueError):
+    """Bytes that are not an uncompressed ustar, GNU or pax tar."""
+
+
+def tar_members(read: Callable[[int, int], bytes]) -> Iterator[TarMember]:
+    """The members of an uncompressed tar, `read(offset, size)` returning its bytes (fewer at its end).
+
+    Pax extended headers (which webdataset's `TarWriter`, and so img2dataset, write before every member) and GNU
+    long names give the next member its name and size; global headers are skipped. Only headers are read.
+    Raises `NotATar` for a header that is not a tar's.
+    """
+    at, start, name, size = 0, None, None, None
+    while len(header := read(at, _BLOCK)) == _BLOCK and header.strip(b"\0"):
+        if header[257:262] not in (b"ustar", b"\0\0\0\0\0"):
+            raise NotATar(f"no tar header at byte {at}")
+        kind, length = header[156:157], _number(header[124:136])
+        start = at if start is None else start
+        end = at + _BLOCK + (length + _BLOCK - 1) // _BLOCK * _BLOCK
+        if kind in (b"x", b"L"):
+            payload = read(at + _BLOCK, length)
+            if kind == b"L":
+                name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            else:
+                records = _pax_records(payload)
+                name, size = records.get("path", name), int(records["size"]) if "size" in records else size
+        elif kind not in (b"g", b"K"):  # a member (a global header or a long link name only gets skipped)
+            length = length if size is None else size
+            end = at + _BLOCK + (length + _BLOCK - 1) // _BLOCK * _BLOCK
+            yield TarMember(start, name or member_name(header), kind in (b"0", b"\0"), at + _BLOCK, length, end)
+            start, name, size = None, None, None
+        at = end
+
+
+def _number(field: bytes) -> int:
+    """A tar header's numeric field: octal, or base-256 (GNU) when its first bit is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    return int(field.rstrip(b" \0").lstrip(b" ") or b"0", 8)
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """The `"<length> <key>=<value>\\n"` records of a pax extended header."""
+    records, at = {}, 0
+    while at < len(payload):
+        length, _, rest = payload[at : at + 20].partition(b" ")
+        if not length.isdigit() or int(length) <= 0:
+            break
+        key, _, value = payload[at + len(length) + 1 : at + int(length) - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        at += int(length)
+    return records
+
+
 def tar_sample_offsets(path: str | os.PathLike) -> list[int] | None:
-    """Where each sample of a plain local tar starts (the byte offset of its first header), then where the last
-    one ends; sample i is the bytes `offsets[i]:offsets[i + 1]`. None for a tar with long-name or pax headers, or
-    a compressed one. Only the 512-byte headers are read; member data is skipped by seeking."""
+    """Where each sample of an uncompressed local tar starts (the byte offset of its first header), then where the
+    last one ends; sample i is the bytes `offsets[i]:offsets[i + 1]`. None for a compressed tar or a file that is
+    not a tar. Only the headers are read; member data is skipped."""
     offsets, last, end = [], None, 0
-    with open(path, "rb") as file:
-        while len(header := file.read(_BLOCK)) == _BLOCK and header.strip(b"\0"):
-            kind = header[156]
-            if kind in b"LKxg" or header[257:262] not in (b"ustar", b"\0\0\0\0\0"):
-                return None
-            size = int(header[124:136].rstrip(b" \0") or b"0", 8)
-            if kind in _REGULAR:
-                name = member_name(header)
-                if not name.rpartition("/")[2].startswith("__") and (key := _sample_key(name)) != last:
-                    offsets.append(end)
-                    last = key
-            end += _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-            file.seek(end)
+    with open(path, "rb", buffering=0) as file:
+        try:
+            for member in tar_members(lambda offset, size: os.pread(file.fileno(), size, offset)):
+                if member.regular and not member.name.rpartition("/")[2].startswith("__"):
+                    if (key := _sample_key(member.name)) != last:
+                        offsets.append(member.start)
+                        last = key
+                end = member.end
+        except NotATar:
+            return None
     return offsets + [end] if offsets else [0]
 
 

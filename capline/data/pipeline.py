@@ -18,7 +18,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from capline.data.buffers import BatchPlace
-from capline.data.counting import local_path, member_name, tar_sample_offsets
+from capline.data.counting import NotATar, local_path, tar_members, tar_sample_offsets
 from capline.data.decode import SkipCounter
 from capline.data.elastic import ElasticOrder, slot_lanes
 
@@ -215,21 +215,20 @@ def _plain_file(path) -> bool:
 
 def _parse_sample(data: bytes, size: int, url: str) -> RawSample | None:
     """The sample in `data`, the bytes of its run of tar members; None when they are cut short."""
-    sample, at = {}, 0
-    while at + 512 <= len(data):
-        header = data[at : at + 512]
-        length = int(header[124:136].rstrip(b" \0") or b"0", 8)
-        body = data[at + 512 : at + 512 + length]
-        if len(body) < length:
-            return None
-        name = member_name(header)
-        base, _, extension = name.rpartition("/")[2].partition(".")
-        if header[156] in (ord("0"), 0) and extension and not base.startswith("__"):
-            folder = name.rpartition("/")[0]
-            sample.setdefault("__key__", f"{folder}/{base}" if folder else base)
-            sample[extension.lower()] = body
-        at += 512 + (length + 511) // 512 * 512
-    if at != size or "__key__" not in sample:
+    sample, end = {}, 0
+    try:
+        for member in tar_members(lambda offset, length: data[offset : offset + length]):
+            if member.data + member.size > len(data):  # cut short
+                return None
+            base, _, extension = member.name.rpartition("/")[2].partition(".")
+            if member.regular and extension and not base.startswith("__"):
+                folder = member.name.rpartition("/")[0]
+                sample.setdefault("__key__", f"{folder}/{base}" if folder else base)
+                sample[extension.lower()] = data[member.data : member.data + member.size]
+            end = member.end
+    except NotATar:
+        return None
+    if end != size or "__key__" not in sample:
         return None
     return sample | {"__url__": url}
 

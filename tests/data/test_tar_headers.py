@@ -1,0 +1,90 @@
+"""Tar headers read without tarfile: ustar, GNU long names, and the pax headers that webdataset's TarWriter (and
+so img2dataset) writes before every member. Samples read by their byte offsets equal webdataset's own reading."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from capline.data.counting import count_tar_samples, tar_members, tar_sample_offsets
+from capline.data.pipeline import _parse_sample
+
+LONG = "a-folder-name-long-enough-that-ustar-cannot-hold-it/" * 3  # 156 characters: pax or GNU long names
+
+
+def write_with_tarfile(path, fmt, members, pax_headers=None):
+    with tarfile.open(path, "w", format=fmt, pax_headers=pax_headers or {}) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000.5  # a fractional time: pax writes a record for it
+            tar.addfile(info, io.BytesIO(data))
+
+
+def members(count: int, prefix: str = "") -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(count):
+        out += [(f"{prefix}{i:05d}.jpg", os.urandom(700 + 97 * i)), (f"{prefix}{i:05d}.txt", f"caption {i}".encode())]
+    return out
+
+
+def webdataset_samples(path) -> list[dict]:
+    return [
+        {k: v for k, v in s.items() if k != "__url__"} for s in wds.tariterators.tarfile_samples([{"url": str(path)}])
+    ]
+
+
+def offset_samples(path) -> list[dict | None]:
+    offsets, data = tar_sample_offsets(path), open(path, "rb").read()
+    return [
+        _parse_sample(data[a:b], b - a, str(path)) for a, b in zip(offsets, offsets[1:])
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["webdataset TarWriter (pax)", "ustar", "gnu long names", "pax long names", "pax global header"],
+)
+def test_samples_by_offset_equal_webdatasets_reading(tmp_path, kind):
+    path = tmp_path / "shard.tar"
+    if kind.startswith("webdataset"):
+        with wds.TarWriter(str(path)) as writer:
+            for i in range(7):
+                writer.write({"__key__": f"{i:09d}", "jpg": os.urandom(900 + 31 * i), "txt": f"caption {i}"})
+    else:
+        prefix = LONG if "long" in kind else ""
+        fmt = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT}.get(kind.split()[0], tarfile.PAX_FORMAT)
+        write_with_tarfile(path, fmt, members(7, prefix), {"comment": "global"} if "global" in kind else None)
+    expected = webdataset_samples(path)
+    assert len(expected) == 7 and count_tar_samples(path) == 7
+    read = offset_samples(path)
+    assert [{k: v for k, v in s.items() if k != "__url__"} for s in read] == expected
+
+
+def test_every_member_of_a_pax_tar_is_found_with_its_name_and_data(tmp_path):
+    path = tmp_path / "pax.tar"
+    written = members(3, LONG)
+    write_with_tarfile(path, tarfile.PAX_FORMAT, written)
+    data = path.read_bytes()
+    found = [(m.name, data[m.data : m.data + m.size]) for m in tar_members(lambda at, n: data[at : at + n])]
+    assert found == written
+
+
+def test_a_sample_cut_short_is_none_not_garbage(tmp_path):
+    path = tmp_path / "pax.tar"
+    write_with_tarfile(path, tarfile.PAX_FORMAT, [("0.jpg", os.urandom(900)), ("0.txt", os.urandom(3000))])
+    offsets, data = tar_sample_offsets(path), path.read_bytes()
+    first = data[offsets[0] : offsets[1]]
+    assert _parse_sample(first, len(first), "x") is not None
+    # the reader asks for the sample's length and gets fewer bytes where the shard was cut
+    assert _parse_sample(first[:-600], len(first), "x") is None  # in its last member's data
+    assert _parse_sample(first[:700], len(first), "x") is None  # inside the pax header's payload
+
+
+def test_a_file_that_is_not_a_tar_has_no_offsets(tmp_path):
+    path = tmp_path / "not.tar"
+    path.write_bytes(b"PK\x03\x04" + os.urandom(4000))
+    assert tar_sample_offsets(path) is None
