@@ -68,7 +68,7 @@ def tar_members(read: Callable[[int, int], bytes]) -> Iterator[TarMember]:
     Raises `NotATar` for a header that is not a tar's.
     """
     at, start, name, size = 0, None, None, None
-    while len(header := read(at, _BLOCK)) == _BLOCK and header.strip(b"\0"):
+    while len(header := read(at, _BLOCK)) == _BLOCK and (header[0] or header.strip(b"\0")):
         if header[257:262] not in (b"ustar", b"\0\0\0\0\0"):
             raise NotATar(f"no tar header at byte {at}")
         kind, length = header[156:157], _number(header[124:136])
@@ -93,7 +93,7 @@ def _number(field: bytes) -> int:
     """A tar header's numeric field: octal, or base-256 (GNU) when its first bit is set."""
     if field[0] & 0x80:
         return int.from_bytes(field[1:], "big")
-    return int(field.rstrip(b" \0").lstrip(b" ") or b"0", 8)
+    return int(field.strip(b" \0") or b"0", 8)
 
 
 def _pax_records(payload: bytes) -> dict[str, str]:
