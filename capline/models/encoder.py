@@ -67,6 +67,10 @@ class TimmEncoder(nn.Module):
                 raise EncoderConfigError(f"encoder checkpoint_path {checkpoint_path!r} does not exist")
             overlay = {"file": str(checkpoint_path)}
         self.backbone = create_backbone(model_name, pretrained, overlay, dict(model_kwargs or {}))
+        # Batches arrive channels-last (see `capline.data.buffers`), so convolutions run channels-last and their
+        # weight gradients come out so: weights in the same layout keep DDP's gradient buckets in step with them
+        # (else it warns "Grad strides do not match bucket view strides" and copies every step).
+        self.backbone.to(memory_format=torch.channels_last)
         self.features_only = bool((model_kwargs or {}).get("features_only"))
         if self.features_only:  # a FeatureListNet: its forward returns the requested stages' maps
             self.num_features: int = self.backbone.feature_info.channels()[-1]
