@@ -98,9 +98,10 @@ class ImageBuffers:
             if workers and torch._C._storage_Use_Count(main.storages[slot]._cdata) == main.unused[slot]:
                 self.flags[[self._ring_flag(slot, w) for w in workers]] = 0
                 workers.clear()
-        for _, slots in [h for h in main.held if h[0].expired()]:
-            self.flags[slots] = 0
-        main.held = [h for h in main.held if not h[0].expired()]
+        for ref, slots in main.held:
+            if ref.expired():
+                self.flags[slots] = 0
+        main.held = [(ref, slots) for ref, slots in main.held if not ref.expired()]
         if batch.get("buffer_slots"):
             main.held.append((StorageWeakRef(batch["images"].untyped_storage()), batch["buffer_slots"]))
 
@@ -192,10 +193,11 @@ class RecyclingDataLoader(DataLoader):
         buffers = getattr(getattr(self.dataset, "make_batch", None), "buffers", None)
         recycling = bool(self.num_workers) and isinstance(buffers, ImageBuffers)
         if recycling:  # before the workers start
-            # Ring slots: the batches the workers may have made ahead, plus those the main process holds.
-            in_flight = -(-self.prefetch_factor * self.num_workers // self._parts_per_batch())
-            buffers.start(self.num_workers, getattr(self.dataset, "ring_batch_size", 0),
-                          in_flight + self.ring_slots_beyond_prefetch)  # fmt: skip
+            ring_batch_size = getattr(self.dataset, "ring_batch_size", 0)
+            # Ring slots: the batches the workers may have made ahead (each worker makes part of every batch),
+            # plus those the main process holds.
+            in_flight = self.prefetch_factor if ring_batch_size else self.prefetch_factor * self.num_workers
+            buffers.start(self.num_workers, ring_batch_size, in_flight + self.ring_slots_beyond_prefetch)
         batches = map(from_transport, super().__iter__())
         if recycling:
             batches = map(buffers.receive, batches)
@@ -204,9 +206,6 @@ class RecyclingDataLoader(DataLoader):
                 buffers.release(batch)
             batch.pop("buffer_slots", None)
             yield batch
-
-    def _parts_per_batch(self) -> int:
-        return self.num_workers if getattr(self.dataset, "ring_batch_size", 0) else 1
 
 
 def to_transport(batch: dict) -> dict:
@@ -246,12 +245,12 @@ def join_worker_parts(batches: Iterator[dict]) -> Iterator[dict]:
 
 def join_parts(parts: list[dict]) -> dict:
     """One batch from its parts: images (a view when they lie side by side in one buffer), ids, tokens and
-    references concatenated, skip counts summed, buffer slots listed."""
+    references concatenated, skip counts summed."""
     batch = {}
     for name, first in parts[0].items():
         if name == "part":
             continue
-        values = [p.get(name, []) for p in parts] if name == "buffer_slots" else [p[name] for p in parts]
+        values = [p[name] for p in parts]
         if name == "images":
             batch[name] = join_images(values)
         elif name == "skipped":

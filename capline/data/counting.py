@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 COUNTS_FILE = "capline-counts.json"  # {"shards": [{"name": "00000.tar", "num_samples": 10000}, ...]}
 _BLOCK = 512
-_REGULAR = (ord("0"), 0)  # tar type flags of a regular file ("0", or NUL in old tars)
+_REGULAR = (b"0", b"\0")  # tar type flags of a regular file ("0", or NUL in old tars)
 
 
 def local_path(url: str) -> Path | None:
@@ -73,7 +73,6 @@ def tar_members(read: Callable[[int, int], bytes]) -> Iterator[TarMember]:
             raise NotATar(f"no tar header at byte {at}")
         kind, length = header[156:157], _number(header[124:136])
         start = at if start is None else start
-        end = at + _BLOCK + (length + _BLOCK - 1) // _BLOCK * _BLOCK
         if kind in (b"x", b"L"):
             payload = read(at + _BLOCK, length)
             if kind == b"L":
@@ -83,10 +82,16 @@ def tar_members(read: Callable[[int, int], bytes]) -> Iterator[TarMember]:
                 name, size = records.get("path", name), int(records["size"]) if "size" in records else size
         elif kind not in (b"g", b"K"):  # a member (a global header or a long link name only gets skipped)
             length = length if size is None else size
-            end = at + _BLOCK + (length + _BLOCK - 1) // _BLOCK * _BLOCK
-            yield TarMember(start, name or member_name(header), kind in (b"0", b"\0"), at + _BLOCK, length, end)
+            yield TarMember(
+                start, name or member_name(header), kind in _REGULAR, at + _BLOCK, length, _end_of(at, length)
+            )
             start, name, size = None, None, None
-        at = end
+        at = _end_of(at, length)
+
+
+def _end_of(at: int, length: int) -> int:
+    """Where the member whose header is at `at`, with `length` bytes of data, ends (its data padded to the block)."""
+    return at + _BLOCK + (length + _BLOCK - 1) // _BLOCK * _BLOCK
 
 
 def _number(field: bytes) -> int:
@@ -100,7 +105,7 @@ def _pax_records(payload: bytes) -> dict[str, str]:
     """The `"<length> <key>=<value>\\n"` records of a pax extended header."""
     records, at = {}, 0
     while at < len(payload):
-        length, _, rest = payload[at : at + 20].partition(b" ")
+        length = payload[at : at + 20].partition(b" ")[0]
         if not length.isdigit() or int(length) <= 0:
             break
         key, _, value = payload[at + len(length) + 1 : at + int(length) - 1].partition(b"=")
