@@ -79,7 +79,7 @@ def tar_members(read: Callable[[int, int], bytes]) -> Iterator[TarMember]:
                 name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             else:
                 records = _pax_records(payload)
-                name, size = records.get("path", name), int(records["size"]) if "size" in records else size
+                name, size = records.get("path", name), _number_text(records["size"]) if "size" in records else size
         elif kind not in (b"g", b"K"):  # a member (a global header or a long link name only gets skipped)
             length = length if size is None else size
             yield TarMember(
@@ -98,7 +98,17 @@ def _number(field: bytes) -> int:
     """A tar header's numeric field: octal, or base-256 (GNU) when its first bit is set."""
     if field[0] & 0x80:
         return int.from_bytes(field[1:], "big")
-    return int(field.strip(b" \0") or b"0", 8)
+    try:
+        return int(field.strip(b" \0") or b"0", 8)
+    except ValueError:
+        raise NotATar(f"a tar header's number field holds {field!r}") from None
+
+
+def _number_text(text: str) -> int:
+    """A pax record's decimal number."""
+    if not text.isascii() or not text.isdigit():
+        raise NotATar(f"a pax header's number holds {text!r}")
+    return int(text)
 
 
 def _pax_records(payload: bytes) -> dict[str, str]:
@@ -140,13 +150,18 @@ def member_name(header: bytes) -> str:
 
 
 def _count_with_tarfile(path: str | os.PathLike) -> int:
+    """The samples `tarfile` can read, up to where the shard is broken (training then counts it as broken)."""
     count, last = 0, None
-    with tarfile.open(path, mode="r") as tar:
-        for member in tar:
-            tar.members = []
-            if member.isreg() and not member.name.rpartition("/")[2].startswith("__"):
-                if (key := _sample_key(member.name)) != last:
-                    count, last = count + 1, key
+    try:
+        with tarfile.open(path, mode="r") as tar:
+            for member in tar:
+                tar.members = []
+                if member.isreg() and not member.name.rpartition("/")[2].startswith("__"):
+                    if (key := _sample_key(member.name)) != last:
+                        count, last = count + 1, key
+    except (tarfile.TarError, OSError, EOFError) as err:
+        reason = str(err).splitlines()[-1].lstrip("- ") if str(err) else type(err).__name__
+        log.warning("shard %s is broken after %d samples (%s); counting only those", path, count, reason)
     return count
 
 

@@ -88,3 +88,22 @@ def test_a_file_that_is_not_a_tar_has_no_offsets(tmp_path):
     path = tmp_path / "not.tar"
     path.write_bytes(b"PK\x03\x04" + os.urandom(4000))
     assert tar_sample_offsets(path) is None
+
+
+@pytest.mark.parametrize("field", ["header size", "pax size"])
+def test_a_garbled_size_field_reads_as_not_a_tar_not_a_crash(tmp_path, field):
+    path = tmp_path / "garbled.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members(2):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if field == "pax size":
+                info.pax_headers = {"size": "x9y"}  # a pax size record that is not a number
+            tar.addfile(info, io.BytesIO(data))
+    data = bytearray(path.read_bytes())
+    if field == "header size":
+        data[124:136] = b"zz garbage\0\0"  # the first header's size field: not octal
+        path.write_bytes(bytes(data))
+    assert tar_sample_offsets(path) is None  # then read as a stream, which counts the shard as broken
+    assert count_tar_samples(path) <= 2  # what tarfile can read of it, without raising
+    assert _parse_sample(bytes(data[:4096]), 4096, "x") is None
