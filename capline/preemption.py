@@ -181,6 +181,8 @@ class Preemption(Checkpoint):
         if trainer.world_size > 1:  # every rank takes part, every step: all stop at the same one
             flag = torch.tensor([wish], device=trainer.strategy.root_device)
             wish = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+            # A signal that arrived while this rank waited in the collective is handled only once it returns.
+            got = received_signal()
         if not wish or trainer.global_step >= (trainer.max_steps if trainer.max_steps >= 0 else float("inf")):
             return None  # nothing asked, or the run is finishing anyway
         path = self.checkpoint_path(trainer)
