@@ -89,25 +89,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-def training_position(path: str | Path) -> tuple[int, int] | None:
-    """(global step, training batches completed) recorded in a checkpoint, or None if it cannot be read or
-    cannot resume training (a weights-only file has no loop state).
+def training_position(path: str | Path) -> tuple[int, int] | str:
+    """(global step, training batches completed) recorded in a checkpoint, or why it cannot resume training (a
+    few words: truncated, a pickle that would run code, a weights-only file without loop state...).
 
     Two checkpoints of one step differ in whether the step's validation had run: one written after it (Lightning
     counts the batch as completed) is the later of the two. Loading is memory-mapped: no tensor data is read.
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        step, loops = int(checkpoint["global_step"]), checkpoint["loops"]
-    except Exception:  # truncated, foreign, weights only, not a checkpoint at all: never a candidate
-        return None
-    progress = loops.get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-    return step, int(progress.get("total", {}).get("completed", 0))
+    except pickle.UnpicklingError:
+        return "it holds objects that would run code when loaded (refused by weights_only)"
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        if "mmap can only be used" in str(err):
+            return "it is not in PyTorch's zip format (a legacy torch.save file, or not a checkpoint at all)"
+        if "zip archive" in str(err) or isinstance(err, (EOFError, zipfile.BadZipFile)):
+            return "it is truncated or not a PyTorch checkpoint"
+        first_line = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
+        return f"it cannot be read ({first_line})"
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return "it is not a Lightning checkpoint (no state_dict)"
+    if "global_step" not in checkpoint or "loops" not in checkpoint:
+        return "it holds weights only (no training state to resume)"
+    progress = checkpoint["loops"].get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    return int(checkpoint["global_step"]), int(progress.get("total", {}).get("completed", 0))
 
 
-def newest_checkpoint(paths) -> str | None:
+def newest_checkpoint(paths, refused: dict[str, str] | None = None) -> str | None:
     """The checkpoint among `paths` furthest into training by its recorded position (step, then batches
-    completed, then modification time), whatever the file names; unreadable files are skipped."""
+    completed, then modification time), whatever the file names. Files that cannot resume training are skipped;
+    `refused`, when given, receives each one's path and why."""
     positions = {str(p): training_position(p) for p in paths}
-    readable = [(position, os.path.getmtime(p), p) for p, position in positions.items() if position is not None]
-    return max(readable)[2] if readable else None
+    if refused is not None:
+        refused.update({p: why for p, why in positions.items() if isinstance(why, str)})
+    usable = [(position, os.path.getmtime(p), p) for p, position in positions.items() if not isinstance(position, str)]
+    return max(usable)[2] if usable else None

@@ -19,9 +19,10 @@ import warnings
 import yaml
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
+from capline.callbacks.checkpoint import CaptionCheckpoint
 from capline.callbacks.predictions import CaptionPredictionWriter
 from capline.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from capline.data.datamodule import CaptionDataModule, DataConfigError
@@ -64,7 +65,7 @@ class CaptionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The vocabulary is known once the data module exists (the demo generates it on first use).
         parser.link_arguments("data.vocab_file", "model.vocabulary", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(CaptionCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.dirpath": None,  # None: <trainer.default_root_dir>/checkpoints, pinned for resuming
@@ -89,7 +90,16 @@ class CaptionCLI(LightningCLI):
         check_batch_divides(config)
         check_precision(config.trainer.get("precision"), config.trainer.get("accelerator"))
         if config.get("ckpt_path") == "last":
-            config.ckpt_path = find_last_checkpoint(config.checkpoint.dirpath, root)
+            refused: dict[str, str] = {}
+            config.ckpt_path = find_last_checkpoint(config.checkpoint.dirpath, root, refused)
+            for path, why in sorted(refused.items()):
+                print(f"capline: --ckpt_path last skips {path}: {why}", file=sys.stderr)
+            if config.ckpt_path is None and refused:
+                raise CheckpointError(
+                    f"--ckpt_path last found no checkpoint it can resume from in {config.checkpoint.dirpath} "
+                    f"({len(refused)} refused, listed above); pass --ckpt_path FILE, or move those files away to "
+                    "start a new run"
+                )
             if config.ckpt_path is None:
                 print(f"capline: no checkpoint in {config.checkpoint.dirpath} yet: starting a new run", file=sys.stderr)
         if config.get("ckpt_path"):

@@ -43,14 +43,15 @@ def check_precision(precision, accelerator) -> None:
         raise PrecisionError(f"this GPU cannot run trainer.precision {precision!r}; use 16-mixed or 32-true")
 
 
-def find_last_checkpoint(dirpath: str, root: str) -> str | None:
+def find_last_checkpoint(dirpath: str, root: str, refused: dict[str, str] | None = None) -> str | None:
     """What `--ckpt_path last` means: of every checkpoint in `dirpath` (regular, `last`, preemption) and Lightning's
     SLURM checkpoints `root/hpc_ckpt_*.ckpt`, the one furthest into training by its recorded global step.
-    Half-written saves (`.*.tmp`) are not candidates, nor are files that cannot be read."""
+    Half-written saves (`.*.tmp`) are not candidates, nor are files that cannot resume training (listed in
+    `refused` with the reason, when given)."""
     from capline.checkpoints import newest_checkpoint
 
     return newest_checkpoint(
-        glob.glob(os.path.join(dirpath, "*.ckpt")) + glob.glob(os.path.join(root, "hpc_ckpt_*.ckpt"))
+        glob.glob(os.path.join(dirpath, "*.ckpt")) + glob.glob(os.path.join(root, "hpc_ckpt_*.ckpt")), refused
     )
 
 

@@ -23,7 +23,7 @@ def fit_summary(trainer, config_path: str | None) -> str:
         lines.append(f"  best checkpoint: {best} ({monitor} {float(score):.4f})" if score is not None else best)
     else:
         lines.append(f"  best checkpoint: none yet (no validation has scored {monitor})")
-    lines.append(f"  last checkpoint: {last or 'none'}")
+    lines.append(f"  last checkpoint: {_with_step(last) if last else 'none'}")
     lines += [f"  W&B: {line}" for line in _wandb_lines(trainer)]
     ckpt = best or last
     if ckpt:
@@ -34,6 +34,14 @@ def fit_summary(trainer, config_path: str | None) -> str:
             command = ["python", "tools/caption.py", "--ckpt", ckpt, "photos/"]
         lines.append(f"  caption images: {shlex.join(command)}")
     return "\n".join(lines)
+
+
+def _with_step(path: str) -> str:
+    """The path and the global step recorded inside the file (read back, not assumed)."""
+    from capline.checkpoints import training_position
+
+    position = training_position(path)
+    return f"{path} (step {position[0]})" if not isinstance(position, str) else f"{path} ({position})"
 
 
 def _wandb_lines(trainer) -> list[str]:
