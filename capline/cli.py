@@ -27,6 +27,7 @@ from capline.callbacks.predictions import CaptionPredictionWriter
 from capline.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from capline.data.datamodule import CaptionDataModule, DataConfigError
 from capline.models.encoder import EncoderConfigError
+from capline.models.weights import WeightsError
 from capline.module import CaptionModule
 from capline.preemption import Preemption, install_signal_handlers
 from capline.preflight import (
@@ -58,7 +59,15 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 )
 
 # Mistakes in a config or its data: reported in one sentence, without a traceback.
-USER_ERRORS = (DataConfigError, EncoderConfigError, VocabError, CheckpointError, PrecisionError, OutputDirError)
+USER_ERRORS = (
+    DataConfigError,
+    EncoderConfigError,
+    WeightsError,
+    VocabError,
+    CheckpointError,
+    PrecisionError,
+    OutputDirError,
+)
 
 
 class CaptionCLI(LightningCLI):

@@ -21,6 +21,7 @@ from capline.metrics import CaptionMetrics, SceneTruth
 from capline.metrics.diagnostics import collapse_warning
 from capline.metrics.reward import CiderReward, training_reward
 from capline.models import CaptionDecoder, TimmEncoder, beam_search, greedy_search
+from capline.models.feature_cache import FrozenFeatureCache
 from capline.models.loss import masked_cross_entropy
 from capline.models.scst import SCST, scst_loss
 from capline.rng import collect_rng_states, restore_rng_states
@@ -42,6 +43,11 @@ def _as(cls, value):
     if value is None:
         return cls()
     return cls(**value) if isinstance(value, dict) else value
+
+
+def _cache_keys(stage: str, batch: dict) -> list[str] | None:
+    """Names of a batch's images for the feature cache: a sample's key is unique within its split only."""
+    return [f"{stage}/{key}" for key in batch["keys"]] if "keys" in batch else None
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -68,6 +74,8 @@ class CaptionModule(L.LightningModule):
         scst: Self-critical sequence training from `scst.start_step` on (None: cross-entropy throughout).
         word_vectors: Pretrained word vectors (GloVe) that initialise the decoder's word embeddings when training
             starts, optionally frozen (see `capline.word_vectors`).
+        feature_cache_gib: While `fit` runs with the encoder frozen, keep each image's features (up to this much
+            memory) instead of recomputing them every epoch (see `capline.models.feature_cache`); 0 turns it off.
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class CaptionModule(L.LightningModule):
         max_nonfinite_steps: int = 20,
         scst: SCST | None = None,
         word_vectors: WordVectors | None = None,
+        feature_cache_gib: float = 0.0,
     ):
         super().__init__()
         # Plain values only, so checkpoints load with weights_only=True (the parts are rebuilt from the config).
@@ -96,9 +105,12 @@ class CaptionModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_schedule = _as(LRSchedule, lr_schedule)
         self.finetuning = _as(EncoderFinetuning, encoder_finetuning)
+        if self.finetuning.freeze_steps < 0:  # never trained: no gradient, and the model summary counts it frozen
+            self.encoder.requires_grad_(False)
         self.sampling = _as(ScheduledSampling, scheduled_sampling)
         self.scst = SCST(**scst) if isinstance(scst, dict) else scst
         self.word_vectors = WordVectors(**word_vectors) if isinstance(word_vectors, dict) else word_vectors
+        self.feature_cache = FrozenFeatureCache(feature_cache_gib) if feature_cache_gib > 0 else None
         self.reward: CiderReward | None = None  # SCST's, with the training corpus statistics (built in setup)
         for name in ("lr_schedule", "encoder_finetuning", "scheduled_sampling", "scst", "word_vectors"):
             if dataclasses.is_dataclass(self.hparams.get(name)):
@@ -124,7 +136,7 @@ class CaptionModule(L.LightningModule):
         # DDP must then be told that some parameters get no gradient during the warm-up.
         strategy = self.trainer.strategy if self._trainer is not None else None
         frozen_in_scst = self.scst is not None and not self.scst.train_encoder
-        if isinstance(strategy, DDPStrategy) and (self.finetuning.freeze_steps != 0 or frozen_in_scst):
+        if isinstance(strategy, DDPStrategy) and (self.finetuning.freeze_steps > 0 or frozen_in_scst):
             if not strategy._ddp_kwargs.get("find_unused_parameters"):
                 log.info("encoder warm-up under DDP: setting find_unused_parameters=True")
                 strategy._ddp_kwargs["find_unused_parameters"] = True
@@ -146,14 +158,23 @@ class CaptionModule(L.LightningModule):
     def scst_active(self) -> bool:
         return self.scst is not None and self.scst.active(self.global_step)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Encoder features; while the encoder is frozen, without autograd and with BatchNorm in eval mode."""
+    def encode(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        """Encoder features; while the encoder is frozen, without autograd, with BatchNorm in eval mode, and from
+        the feature cache (when there is one, during `fit`) for images it has seen."""
         if self.training and self.encoder_trainable():
+            if self.feature_cache is not None:
+                self.feature_cache.clear()  # the encoder changes from this step on
             self.encoder.train()
             return self.encoder(images)
         self.encoder.eval()
         with torch.no_grad():
+            if self._cache_applies() and keys is not None:
+                return self.feature_cache.features(keys, images, self.encoder)
             return self.encoder(images)
+
+    def _cache_applies(self) -> bool:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        return self.feature_cache is not None and fitting and not self.encoder_trainable()
 
     def generate(self, images: torch.Tensor, beam_size: int = 1):
         features = self.encoder(images)
@@ -167,7 +188,7 @@ class CaptionModule(L.LightningModule):
         if batch["images"].shape[0] == 0:  # every sample of the batch was skipped
             return self._empty_batch_step()
         tokens = batch["tokens"]  # (B, T): <start> w1 ... wn <end> <pad>...
-        features = self.encode(batch["images"])
+        features = self.encode(batch["images"], _cache_keys("train", batch))
         if self.scst_active():  # the reward replaces cross-entropy; scheduled sampling does not apply
             ss_prob = 0.0
             loss, stats = scst_loss(self.decoder, features, batch["refs"], self.reward, self.scst, self.max_len)
@@ -265,7 +286,7 @@ class CaptionModule(L.LightningModule):
         if batch["images"].shape[0] == 0:
             return None
         tokens = batch["tokens"]
-        features = self.encoder(batch["images"])
+        features = self.encode(batch["images"], _cache_keys(stage, batch))
         loss = masked_cross_entropy(self.decoder(features, tokens[:, :-1]), tokens[:, 1:])
         self.eval_loss[stage].update(loss, weight=tokens.shape[0])
         beam = self.beam_sizes[stage]
@@ -392,6 +413,8 @@ class CaptionModule(L.LightningModule):
             self._rng_to_restore = None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.feature_cache is not None:
+            self.feature_cache.clear()
         self._rng_to_restore = checkpoint.get("rng_states")
         if self.scst is not None and "scst_reward" in checkpoint:
             self.reward = CiderReward.from_state_dict(checkpoint["scst_reward"])

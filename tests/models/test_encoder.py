@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from capline.models import EncoderConfigError, TimmEncoder
+from capline.models import EncoderConfigError, TimmEncoder, WeightsError
 
 
 def test_pretrained_weights_load_from_a_local_file(tmp_path):
@@ -21,7 +21,7 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
 
 
 def test_missing_weights_file_is_named(tmp_path):
-    with pytest.raises(EncoderConfigError, match="nope.pth"):
+    with pytest.raises(WeightsError, match="nope.pth.*does not exist"):
         TimmEncoder("resnet18", pretrained=True, checkpoint_path=str(tmp_path / "nope.pth"))
 
 

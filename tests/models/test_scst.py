@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from capline.models import AttentionDecoder, ShowTellDecoder
 from capline.models.scst import (
@@ -15,7 +14,7 @@ from capline.models.scst import (
     sample_captions,
     scst_loss,
 )
-from capline.models.search import END, PAD, START
+from capline.models.search import END, PAD, START, word_log_probs
 
 V, B, C, K, L = 30, 3, 16, 4, 8
 
@@ -33,8 +32,8 @@ def teacher_forced_logprobs(dec, feats: torch.Tensor, samples, k: int) -> torch.
     """Per-word log-probabilities of sampled captions (N, L) by teacher forcing, 0 after each caption's end."""
     tokens = samples.tokens
     inputs = torch.cat([torch.full((tokens.shape[0], 1), START), tokens[:, :-1]], dim=1)
-    logp = F.log_softmax(dec(feats.repeat_interleave(k, dim=0), inputs).float(), dim=-1)
-    return logp.gather(2, tokens.unsqueeze(2)).squeeze(2) * samples.mask
+    logp = word_log_probs(dec(feats.repeat_interleave(k, dim=0), inputs))  # the distribution sampled from
+    return torch.where(samples.mask, logp.gather(2, tokens.unsqueeze(2)).squeeze(2), 0.0)
 
 
 def test_mean_baseline_leaves_each_sample_out_of_its_own_baseline():
@@ -54,7 +53,8 @@ def test_samples_end_with_end_then_padding_and_carry_their_log_probabilities(cls
     samples = sample_captions(dec, feats, K, L)
     assert samples.tokens.shape[0] == B * K and samples.tokens.shape[1] <= L
     for row, mask in zip(samples.tokens.tolist(), samples.mask.tolist()):
-        ends = [i for i, t in enumerate(row) if t in (END, PAD)]  # an untrained decoder may sample <pad>
+        ends = [i for i, t in enumerate(row) if t == END]
+        assert PAD not in row[: ends[0] if ends else len(row)]  # <pad> is never sampled
         end = ends[0] if ends else len(row) - 1
         assert all(t == PAD for t in row[end + 1 :]) and mask == [i <= end for i in range(len(row))]
     expected = teacher_forced_logprobs(dec, feats, samples, K)

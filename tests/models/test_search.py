@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from capline.models import AttentionDecoder, ShowTellDecoder, beam_search, greedy_search
-from capline.models.search import END, PAD, _banned_trigram_words
+from capline.models.search import END, PAD, _banned_trigram_words, word_log_probs
 
 V = 12
 
@@ -18,8 +18,6 @@ def make(decoder_cls, seed=0):
 
 def reference_beam(decoder, features, k, max_len, length_penalty=0.0):
     """A straightforward per-image beam search, one image and one hypothesis at a time."""
-    import torch.nn.functional as F
-
     results = []
     for i in range(features.shape[0]):
         start = decoder.init_state(features[i : i + 1])
@@ -32,7 +30,7 @@ def reference_beam(decoder, features, k, max_len, length_penalty=0.0):
                     continue
                 last = words[-1] if words else 1
                 logits, new_state = decoder.step(torch.tensor([last]), state)
-                logp = F.log_softmax(logits.float(), -1)[0]
+                logp = word_log_probs(logits)[0]  # <unk>, <start> and <pad> are never generated
                 for w in range(V):
                     candidates.append((words + [w], score + logp[w].item(), new_state, w == END or w == PAD))
             candidates.sort(key=lambda c: -c[1])
