@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -66,6 +68,32 @@ def check_compatible(checkpoint: dict, vocab: Vocabulary, state: dict) -> None:
         )
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a quota): every earlier checkpoint is intact."""
+
+    def __init__(self, path: Path, err: OSError, step: int | None = None):
+        super().__init__(err.errno, err.strerror)
+        self.path, self.step = path, step
+        try:
+            self.free_bytes: int | None = shutil.disk_usage(path.parent).free
+        except OSError:
+            self.free_bytes = None
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The full-disk error behind `err`, if any (torch.save reports a failed write as a RuntimeError raised while
+    handling the OSError)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it over the target.
 
@@ -84,8 +112,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
+            full = _disk_full(err)
+            if full is not None:
+                raise CheckpointWriteError(path, full, checkpoint.get("global_step")) from None
             raise
 
 

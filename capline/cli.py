@@ -22,9 +22,10 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
+from capline import rank_failure
 from capline.callbacks.checkpoint import CaptionCheckpoint
 from capline.callbacks.predictions import CaptionPredictionWriter
-from capline.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
+from capline.checkpoints import AtomicCheckpointIO, CheckpointError, CheckpointWriteError, read_checkpoint
 from capline.data.datamodule import CaptionDataModule, DataConfigError
 from capline.models.encoder import EncoderConfigError
 from capline.models.weights import WeightsError
@@ -58,6 +59,8 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
 )
 
+EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR: a checkpoint could not be written
+
 # Mistakes in a config or its data: reported in one sentence, without a traceback.
 USER_ERRORS = (
     DataConfigError,
@@ -71,6 +74,11 @@ USER_ERRORS = (
 
 
 class CaptionCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        given = kwargs.get("args")
+        self._argv = [str(a) for a in given] if isinstance(given, list) else sys.argv[1:]  # for the resume line
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # The vocabulary is known once the data module exists (the demo generates it on first use).
         parser.link_arguments("data.vocab_file", "model.vocabulary", apply_on="instantiate")
@@ -98,6 +106,8 @@ class CaptionCLI(LightningCLI):
         _wandb_dir_follows_root(config, root)
         check_batch_divides(config)
         check_precision(config.trainer.get("precision"), config.trainer.get("accelerator"))
+        if subcommand == "fit":  # a DDP rank that dies ends the run with one line saying how to resume
+            rank_failure.install(self._argv, config.checkpoint.dirpath, root)
         if config.get("ckpt_path") == "last":
             refused: dict[str, str] = {}
             config.ckpt_path = find_last_checkpoint(config.checkpoint.dirpath, root, refused)
@@ -190,6 +200,17 @@ def _wandb_dir_follows_root(config, root: str) -> None:
             init_args.save_dir = root
 
 
+def checkpoint_write_failed(err: CheckpointWriteError) -> str:
+    """One sentence: what could not be written and why, that nothing before is lost, and how to go on."""
+    free = f", {err.free_bytes / 2**20:.0f} MiB free there" if err.free_bytes is not None else ""
+    step = f" of step {err.step}" if err.step is not None else ""
+    advice = rank_failure.resume_advice() or "--ckpt_path last"
+    return (
+        f"the checkpoint{step} could not be written to {err.path} ({err.strerror}{free}); every earlier checkpoint "
+        f"is intact. Make room there, then resume with: {advice}"
+    )
+
+
 def cli_main(args: list[str] | None = None) -> None:
     """Runs the CLI; `args` lets tests drive the real command in-process."""
     if (args if args is not None else sys.argv[1:])[:1] == ["fit"]:
@@ -205,6 +226,9 @@ def cli_main(args: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         print(f"capline: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointWriteError as err:
+        print(f"capline: error: {checkpoint_write_failed(err)}", file=sys.stderr)
+        sys.exit(EXIT_IO_ERROR)
 
 
 if __name__ == "__main__":

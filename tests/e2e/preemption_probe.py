@@ -40,3 +40,14 @@ class StepProbe(L.Callback):
         record = {"step": trainer.global_step, "signalled": received_signal() is not None, "time": time.time()}
         with open(self.out_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class FailOnRank(L.Callback):
+    """Raises in one rank at one step: a rank that fails while the others go on (the rank-failure tests)."""
+
+    def __init__(self, rank: int = 1, step: int = 5):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
