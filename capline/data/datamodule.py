@@ -10,11 +10,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from capline.data import http as http_reading
 from capline.data.buffers import RecyclingDataLoader
 from capline.data.collate import CaptionBatcher, ImageTransform
 from capline.data.counting import shard_counts
 from capline.data.elastic import ElasticOrder, even_counts
 from capline.data.groups import merge_image_samples
+from capline.data.http import HTTPOptions
 from capline.data.images import ImageFileStream, NoImagesError, find_image_files
 from capline.data.layouts import FORMATS, LayoutReader
 from capline.data.pipeline import EvalStream, TrainStream
@@ -63,6 +65,9 @@ class CaptionDataModule(L.LightningDataModule):
         group_by: img2dataset layout: the `.json` field whose equal values are one image, merged for validation
             and test so every image is scored once with all its references (samples without it: by `sha256`,
             else by their image bytes); null scores every sample on its own.
+        http: How `http(s)://` shards are read: `retries` after a dropped, stalled or 5xx-answered connection
+            (resumed at the byte where it broke), `backoff_s` before the first (doubled each time), `stall_s`
+            without a byte before a read counts as stalled (see `capline.data.http`).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class CaptionDataModule(L.LightningDataModule):
         seed: int = 0,
         format: str = "auto",
         group_by: str | None = "url",
+        http: HTTPOptions | None = None,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -123,6 +129,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.samples_per_epoch, self.shuffle_buffer = samples_per_epoch, shuffle_buffer
         self.eval_batch_size = eval_batch_size
         self.format, self.group_by = format, group_by
+        self.http = HTTPOptions(**http) if isinstance(http, dict) else http or HTTPOptions()
+        http_reading.default_options = self.http
         self._readers: dict[str, LayoutReader] = {}  # per split, once its layout is known
         self._merged: dict[str, dict] = {}  # per evaluation split: its images' merged references
         self.rank, self.world_size = 0, 1
@@ -210,6 +218,7 @@ class CaptionDataModule(L.LightningDataModule):
             seed=self.seed, block=-(-self.shuffle_buffer // self.global_batch_size),
         )  # fmt: skip
         self.train_stream = TrainStream(urls, batcher, order, self.rank, self.world_size)
+        self.train_stream.http = self.http
         # The first epoch's loader iterator is created before on_train_epoch_start: position the stream now.
         self.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return self._loader(self.train_stream, stream_state=self)  # resumable: Lightning saves its position
@@ -222,6 +231,7 @@ class CaptionDataModule(L.LightningDataModule):
             self._require(name), self._batcher(name, train=False), self.eval_batch_size or self.batch_size,
             self.rank, self.world_size, merged=self._merged.get(name),
         )  # fmt: skip
+        stream.http = self.http
         return self._loader(stream)
 
     def val_dataloader(self) -> DataLoader:

@@ -7,6 +7,7 @@ shards than slots, every slot reads all shards and keeps every n-th sample, so s
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import os
@@ -21,6 +22,7 @@ from capline.data.buffers import BatchPlace
 from capline.data.counting import NotATar, local_path, tar_members, tar_sample_offsets
 from capline.data.decode import SkipCounter
 from capline.data.elastic import ElasticOrder, slot_lanes
+from capline.data.http import HTTPOptions, HTTPShardStream, ShardReadError, is_http
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +59,17 @@ class _Stream(IterableDataset):
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.http: HTTPOptions | None = None  # how http(s):// shards are read (`data.http`; None: the default)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _read(self, urls: list[str], counter: SkipCounter) -> Iterator[RawSample]:
         for url in urls:
-            yield from self._read_shard(url, counter)
+            yield from self._read_shard(url, counter, self.http)
 
     @staticmethod
-    def _read_shard(url: str, counter: SkipCounter) -> Iterator[RawSample]:
+    def _read_shard(url: str, counter: SkipCounter, http: HTTPOptions | None = None) -> Iterator[RawSample]:
         # One shard at a time, counted once: webdataset reports a tar cut inside a member twice (the member, then
         # the header after it), and must not group a broken shard's last sample with the next shard's first.
         broken = False
@@ -75,10 +78,23 @@ class _Stream(IterableDataset):
             nonlocal broken
             if not broken:
                 counter.add("broken_shard")
-                log.debug("skipping the rest of a broken shard: %s", exn)
+                if isinstance(exn, ShardReadError):  # a remote shard after every retry: say which one
+                    log.warning("%s; the rest of the shard is skipped (data/skipped/broken_shard)", exn)
+                else:
+                    log.debug("skipping the rest of a broken shard: %s", exn)
             broken = True
             return True
 
+        if is_http(url):  # resumed where a connection broke, retried with back-off, never stalled for good
+            try:
+                stream = io.BufferedReader(HTTPShardStream(url, http), 1 << 16)
+            except ShardReadError as err:
+                broken_shard(err)
+                return
+            with stream:
+                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=broken_shard)
+                yield from wds.tariterators.group_by_keys(files, handler=broken_shard)
+            return
         path = url.removeprefix("file://")
         if not os.path.isfile(path):  # URLs, pipe: commands
             yield from wds.tariterators.tarfile_samples([{"url": url}], handler=broken_shard)
@@ -189,7 +205,7 @@ class SampleReader:
     def _stream_run(self, lane: int, shard: int, indices: list[int]) -> list[RawSample | None]:
         current, next_index, stream = self._streams.get(lane, (-1, 0, iter(())))
         if current != shard or next_index > indices[0]:
-            next_index, stream = 0, _Stream._read_shard(self.urls[shard], self.counter)
+            next_index, stream = 0, _Stream._read_shard(self.urls[shard], self.counter, self.http)
         out = []
         for i in indices:
             sample = next(itertools.islice(stream, i - next_index, None), None)
