@@ -59,6 +59,8 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
 )
 
+# How captions are searched: not part of the trained model, so `test`, `validate` and `predict` take them as asked.
+DECODING_KEYS = ("val_beam_size", "test_beam_size", "length_penalty")
 EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR: a checkpoint could not be written
 
 # Mistakes in a config or its data: reported in one sentence, without a traceback.
@@ -125,10 +127,11 @@ class CaptionCLI(LightningCLI):
             checkpoint = read_checkpoint(config.ckpt_path)
             if subcommand == "fit":
                 continue_wandb_run(config, checkpoint)
-        configured = copy.deepcopy(config.get("model")) if subcommand == "fit" else None
+        configured = copy.deepcopy(config.get("model")) if config.get("ckpt_path") else None
         super()._parse_ckpt_path()  # the checkpoint's hyper-parameters replace the configured ones...
         if configured is not None:
-            _keep_configured_training(self.config[subcommand], configured)
+            keys = None if subcommand == "fit" else DECODING_KEYS
+            _keep_configured(self.config[subcommand], configured, keys, "fit continues" if keys is None else subcommand)
 
     def instantiate_trainer(self, **kwargs):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
@@ -174,19 +177,20 @@ class CaptionCLI(LightningCLI):
             print(fit_summary(self.trainer, config), flush=True)
 
 
-def _keep_configured_training(config, configured) -> None:
+def _keep_configured(config, configured, keys: tuple[str, ...] | None, what: str) -> None:
     """...for `fit`, the configuration wins: a run continued from a checkpoint with other training settings (an
     SCST phase added, another schedule) trains with what was asked, and the log says what changed. For `test`,
-    `validate` and `predict` the checkpoint's values stand (they describe the model that was trained)."""
+    `validate` and `predict` the checkpoint's values stand (they describe the model that was trained), except how
+    captions are searched (`DECODING_KEYS`: `--model.test_beam_size 5`, a length penalty), which is asked then."""
     wanted, loaded = vars(configured), vars(config.model)
     changed = [key for key, value in wanted.items() if key in loaded and loaded[key] != value]
+    changed = [key for key in changed if keys is None or key in keys]
     for key in changed:
         loaded[key] = wanted[key]
     if changed:
         names = ", ".join(f"model.{key}" for key in changed)
         verb = "differs" if len(changed) == 1 else "differ"
-        message = f"capline: {names} {verb} from the checkpoint's; fit continues with the configured values"
-        print(message, file=sys.stderr)
+        print(f"capline: {names} {verb} from the checkpoint's; {what} with the configured values", file=sys.stderr)
 
 
 def _wandb_dir_follows_root(config, root: str) -> None:

@@ -56,12 +56,18 @@ def best_constant_caption(references: list[list[str]], top: int = 300) -> str:
     return max(counts.most_common(top), key=lambda item: scorer.score(refs, dict.fromkeys(refs, item[0]))[0])[0]
 
 
-def consensus_caption(candidates: list[str]) -> str:
-    """The candidate with the highest mean CIDEr-D against all the other candidates (Devlin et al. 2015)."""
+def consensus_caption(candidates: list[str], scorer: CiderD) -> str:
+    """The candidate with the highest mean CIDEr-D against all the other candidates (Devlin et al. 2015), with the
+    n-gram document frequencies of `scorer`'s corpus (the training captions)."""
     tokenised = [" ".join(tokenize(c)) for c in candidates]
     others = {i: tokenised[:i] + tokenised[i + 1 :] for i in range(len(tokenised))}
-    _, scores = CiderD.from_references([tokenised]).score(others, dict(enumerate(tokenised)))
+    _, scores = scorer.score(others, dict(enumerate(tokenised)))
     return candidates[max(range(len(candidates)), key=lambda i: (scores[i], -i))]
+
+
+def caption_scorer(captions: list[list[str]]) -> CiderD:
+    """CIDEr-D with the document frequencies of a caption corpus: one group per image."""
+    return CiderD.from_references([[" ".join(tokenize(c)) for c in group] for group in captions])
 
 
 def nearest_neighbour_captions(
@@ -71,7 +77,8 @@ def nearest_neighbour_captions(
     train = torch.nn.functional.normalize(train_features.float(), dim=1)
     test = torch.nn.functional.normalize(test_features.float(), dim=1)
     nearest = (test @ train.T).topk(min(k, len(train)), dim=1).indices  # (N_test, k)
-    return [consensus_caption([c for j in row.tolist() for c in train_captions[j]]) for row in nearest]
+    scorer = caption_scorer(train_captions)
+    return [consensus_caption([c for j in row.tolist() for c in train_captions[j]], scorer) for row in nearest]
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ def photo_grid(results, references: list[str], columns: int = 4) -> Figure:
         ax.set_xlabel(truth, fontsize=8, loc="left", color="#444444")
         ax.set_xticks([])
         ax.set_yticks([])
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
     return figure
 
 

@@ -90,7 +90,7 @@ def test_a_rank_killed_by_sigkill_ends_the_run_in_one_line_and_resumes_exactly(t
         proc = subprocess.Popen([CAPLINE, "fit", *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr,
                                 start_new_session=True)  # fmt: skip
         deadline = time.time() + 300
-        while proc.poll() is None and time.time() < deadline and not any(r["step"] >= 6 for r in probe(run, 1)):
+        while proc.poll() is None and time.time() < deadline and not any(r["step"] >= 8 for r in probe(run, 1)):
             time.sleep(0.1)
         victim = child_rank_pid(proc.pid, 1)
         assert proc.poll() is None and victim is not None, err.read_text()[-3000:]
