@@ -233,6 +233,12 @@ def cli_main(args: list[str] | None = None) -> None:
     except CheckpointWriteError as err:
         print(f"capline: error: {checkpoint_write_failed(err)}", file=sys.stderr)
         sys.exit(EXIT_IO_ERROR)
+    except Exception as err:
+        failed = rank_failure.failed_child_behind(err)
+        if failed is None:
+            raise
+        rank_failure.report(*failed)  # rank 0 failed because another rank died: that rank's story, in one line
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ go back, online (W&B reports the run's step on resume) and offline (read from th
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 _FILE_HEADER = 7  # ":W&B" + magic (2 bytes) + version (1 byte)
 _BLOCK = 32768  # the log is written in 32 KiB blocks (the LevelDB log format)
@@ -37,8 +40,22 @@ class WandbLogger(_LightningWandbLogger):
         super().__init__(*args, save_dir=save_dir, **kwargs)
         if self._wandb_init.get("anonymous") is None:  # wandb >= 0.22 warns that it ignores the setting, even unset
             del self._wandb_init["anonymous"]
+        self._quieted = False
+        self.failed: Exception | None = None  # what stopped W&B's logging (a full disk...), if anything did
         self._replayed_up_to: int | None = None  # last trainer step an earlier job logged
         self._wandb_step = 0
+
+    @property
+    def experiment(self):
+        run = _LightningWandbLogger.experiment.fget(self)
+        if not self._quieted:
+            self._quieted = True
+            # W&B's own debug logs live in the run folder: when its disk fills, Python's logging would print a
+            # traceback for every record they fail to write (capline says what happened once, in _stop_logging)
+            for handler in logging.getLogger("wandb").handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handleError = lambda record: None
+        return run
 
     def _resume_point(self) -> int:
         if self._replayed_up_to is None:
@@ -51,13 +68,61 @@ class WandbLogger(_LightningWandbLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        if step is None:
-            return super().log_metrics(metrics, step)
-        if step <= self._resume_point():
-            return None  # logged by the job that was killed after its last checkpoint
-        self.experiment.log(dict(metrics, **{"trainer/global_step": step}), step=self._wandb_step)
-        self._wandb_step += 1
+        if self.failed is not None:
+            return None
+        try:
+            if step is None:
+                return super().log_metrics(metrics, step)
+            if step <= self._resume_point():
+                return None  # logged by the job that was killed after its last checkpoint
+            self.experiment.log(dict(metrics, **{"trainer/global_step": step}), step=self._wandb_step)
+            self._wandb_step += 1
+        except Exception as err:
+            if not _is_wandb_failure(err):
+                raise
+            self._stop_logging(err, step)
         return None
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        if self.failed is None:
+            try:
+                super().log_hyperparams(params)
+            except Exception as err:
+                if not _is_wandb_failure(err):
+                    raise
+                self._stop_logging(err, None)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self.failed is None:
+            super().finalize(status)
+
+    def _stop_logging(self, err: Exception, step: int | None) -> None:
+        """W&B could not write (a full disk, its service gone): training goes on without it, said once."""
+        self.failed = err
+        where = self.save_dir or "."
+        at = f" at step {step}" if step is not None else ""
+        log.warning(
+            "W&B stopped logging%s: %s (its files are in %s/wandb); training goes on, and the checkpoints hold "
+            "everything needed to resume", at, _first_line(err), where,
+        )  # fmt: skip
+        # W&B's own log files are on the same failed disk: their handlers would print a traceback per record
+        for name in ("wandb", "wandb.sdk"):
+            for handler in list(logging.getLogger(name).handlers):
+                if isinstance(handler, logging.FileHandler):
+                    logging.getLogger(name).removeHandler(handler)
+        logging.getLogger("wandb").setLevel(logging.CRITICAL)
+
+
+def _is_wandb_failure(err: Exception) -> bool:
+    """An error of W&B's writing or of its service, not of what was logged."""
+    return isinstance(err, (OSError, ConnectionError)) or type(err).__module__.startswith("wandb")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def offline_run_files(save_dir: str | None, run_id: str) -> list[Path]:

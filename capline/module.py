@@ -325,6 +325,11 @@ class CaptionModule(L.LightningModule):
         cider = results.pop(f"{stage}/cider")
         self.log_dict(results, **ALREADY_REDUCED)
         self.log(f"{stage}/cider", cider, prog_bar=True, **ALREADY_REDUCED)
+        if int(results[f"{stage}/num_images"]) == 0:
+            if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+                log.warning("%s at step %d: no image could be read, nothing was scored (see data/skipped)",
+                            stage, self.global_step)  # fmt: skip
+            return results
         warning = collapse_warning(
             float(cider), float(results[f"{stage}/cider_shuffled"]), float(results[f"{stage}/unique_captions"]),
             int(results[f"{stage}/num_images"]),

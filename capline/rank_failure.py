@@ -14,10 +14,13 @@ import logging
 import shlex
 import signal
 import sys
+import time
 
 from lightning.fabric.strategies.launchers import subprocess_script
 
 _resume: dict | None = None  # what the line needs: the command's arguments, the checkpoint folder, the run's root
+_observer: ReportingChildObserver | None = None  # the watcher of this process's child ranks, once it runs
+_reported = False
 
 
 def describe_exit(code: int) -> str:
@@ -67,14 +70,39 @@ class ReportingChildObserver(subprocess_script._ChildProcessObserver):
     """Lightning's watcher of the child ranks, which says which rank died and how to resume before it stops all."""
 
     def __init__(self, main_pid: int, child_processes: list, sleep_period: int = 1) -> None:
+        global _observer
         super().__init__(main_pid=main_pid, child_processes=child_processes, sleep_period=sleep_period)
+        _observer = self
 
     def _terminate_all(self) -> None:
         failed = next(((i + 1, p) for i, p in enumerate(self._child_processes) if p.returncode), None)
         if failed is not None:
-            rank, process = failed
-            print(report_line(rank, process.pid, process.returncode), file=sys.stderr, flush=True)
+            report(*failed)
         super()._terminate_all()
+
+
+def report(rank: int, process) -> None:
+    """Prints the line about a child rank that ended, once."""
+    global _reported
+    if not _reported:
+        _reported = True
+        print(report_line(rank, process.pid, process.returncode), file=sys.stderr, flush=True)
+
+
+def failed_child_behind(err: BaseException, wait_s: float = 3.0) -> tuple[int, object] | None:
+    """(rank, process) of the child rank whose end made rank 0's collective fail with `err`, if that is what
+    happened: a communication error while a child has exited with an error (it may take a moment to be reaped)."""
+    text = f"{type(err).__name__}: {err}".lower()
+    if _observer is None or not any(word in text for word in ("gloo", "nccl", "connection", "distbackend", "peer")):
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        for i, process in enumerate(_observer._child_processes):
+            if process.poll() not in (None, 0):
+                return i + 1, process
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
 
 
 def install(argv: list[str], dirpath: str, root: str) -> None:

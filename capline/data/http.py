@@ -62,7 +62,9 @@ class HTTPShardStream(io.RawIOBase):
         failures = 0
         while True:
             try:
-                count = self._response.readinto(buffer)
+                data = self._response.read1(len(buffer))  # what has arrived: a stall loses none of it
+                count = len(data)
+                buffer[:count] = data
                 if count or self.length is None or self.position >= self.length:
                     self.position += count
                     return count

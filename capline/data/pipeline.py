@@ -78,8 +78,9 @@ class _Stream(IterableDataset):
             nonlocal broken
             if not broken:
                 counter.add("broken_shard")
-                if isinstance(exn, ShardReadError):  # a remote shard after every retry: say which one
-                    log.warning("%s; the rest of the shard is skipped (data/skipped/broken_shard)", exn)
+                remote = _shard_read_error(exn)
+                if remote is not None:  # a remote shard after every retry: say which one
+                    log.warning("%s; the rest of the shard is skipped (data/skipped/broken_shard)", remote)
                 else:
                     log.debug("skipping the rest of a broken shard: %s", exn)
             broken = True
@@ -101,6 +102,15 @@ class _Stream(IterableDataset):
             return
         files = _local_tar_files(path, url, broken_shard)
         yield from wds.tariterators.group_by_keys(files, handler=broken_shard)
+
+
+def _shard_read_error(exn: BaseException | None) -> ShardReadError | None:
+    """The `ShardReadError` behind `exn` (tarfile reports a failed read of its stream as its own error)."""
+    for _ in range(8):
+        if exn is None or isinstance(exn, ShardReadError):
+            return exn
+        exn = exn.__cause__ or exn.__context__
+    return None
 
 
 def _local_tar_files(path: str, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
@@ -144,7 +154,7 @@ class TrainStream(_Stream):
     def __iter__(self) -> Iterator[dict]:
         _, _, worker, num_workers = worker_slot(self.rank, self.world_size)
         counter = SkipCounter()
-        reader = SampleReader(self.urls, self.order.locator(self.epoch), counter)
+        reader = SampleReader(self.urls, self.order.locator(self.epoch), counter, self.http)
         my_lanes = slot_lanes(self.batch_size * self.world_size, self.rank, self.world_size, worker, num_workers)
         lanes = [self._lane(reader, lane) for lane in my_lanes]
         for index in range(self.start_batch, self.order.batches_per_epoch):
@@ -164,8 +174,9 @@ class SampleReader:
     headers once per shard), any other shard as a stream from its start, kept open per lane while the lane reads
     on in the same shard."""
 
-    def __init__(self, urls: list[str], locate: Callable[[int], tuple[int, int]], counter: SkipCounter):
-        self.urls, self.locate, self.counter = urls, locate, counter
+    def __init__(self, urls: list[str], locate: Callable[[int], tuple[int, int]], counter: SkipCounter,
+                 http: HTTPOptions | None = None):  # fmt: skip
+        self.urls, self.locate, self.counter, self.http = urls, locate, counter, http
         self._offsets: dict[int, list[int] | None] = {}
         self._streams: dict[int, tuple[int, int, Iterator[RawSample]]] = {}  # lane: (shard, next index, stream)
         self._broken: set[int] = set()

@@ -77,8 +77,9 @@ class CaptionMetrics(Metric):
     def compute(self) -> dict[str, Tensor]:
         """Returns the metrics named in `METRIC_NAMES` as float tensors."""
         image_ids, preds, refs = self._collect()
-        if image_ids.size == 0:
-            return {name: torch.tensor(float("nan"), device=self.device) for name in METRIC_NAMES}
+        if image_ids.size == 0:  # nothing could be read: no score, and 0 images
+            empty = {name: torch.tensor(float("nan"), device=self.device) for name in METRIC_NAMES}
+            return empty | {"num_images": torch.tensor(0.0, device=self.device)}
         scorer = CiderD()
         lengths = (preds != self.pad_id).sum(axis=1)
         values = {

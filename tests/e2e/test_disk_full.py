@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli_runner import CAPLINE  # noqa: E402
-from preemption_runs import differing_tensors, fit_args, load, probe, run_env  # noqa: E402
+from preemption_runs import TINY_MODEL, differing_tensors, fit_args, load, probe, run_env  # noqa: E402
 
 from capline.checkpoints import read_checkpoint  # noqa: E402
 
@@ -54,11 +54,11 @@ def fill(disk: Path) -> Path:
 def test_a_full_disk_stops_with_the_last_good_checkpoint_and_resumes_exactly(tmp_path, small_disk, synthetic_data):
     env = run_env(tmp_path)
     straight = tmp_path / "straight"
-    done = subprocess.run([CAPLINE, "fit", *fit_args(straight, synthetic_data, STEPS, devices=1)], env=env,
+    done = subprocess.run([CAPLINE, "fit", *fit_args(straight, synthetic_data, STEPS, devices=1), *TINY_MODEL], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     run = small_disk / "run"
-    args = fit_args(run, synthetic_data, STEPS, devices=1, pace=(0.5, 1))
+    args = [*fit_args(run, synthetic_data, STEPS, devices=1, pace=(0.5, 1)), *TINY_MODEL]
     err = tmp_path / "full.stderr"
     with open(err, "w") as stderr:
         proc = subprocess.Popen([CAPLINE, "fit", *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -100,7 +100,7 @@ def test_wandb_files_on_a_full_disk_do_not_stop_training(tmp_path, small_disk, s
     run = tmp_path / "run"
     wandb_dir = small_disk / "wandb-logs"
     wandb_dir.mkdir()
-    args = [*fit_args(run, synthetic_data, STEPS, devices=1, pace=(0.3, 1)),
+    args = [*fit_args(run, synthetic_data, STEPS, devices=1, pace=(0.3, 1)), *TINY_MODEL,
             "--trainer.logger.init_args.save_dir", str(wandb_dir)]  # fmt: skip
     err = tmp_path / "wandb.stderr"
     with open(err, "w") as stderr:
@@ -114,3 +114,7 @@ def test_wandb_files_on_a_full_disk_do_not_stop_training(tmp_path, small_disk, s
     assert proc.returncode == 0, err.read_text()[-3000:]
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == STEPS
     assert f"fit ended at step {STEPS}" in out
+    stderr = err.read_text()
+    assert "Traceback" not in stderr and "Logging error" not in stderr, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.startswith("W&B stopped logging at step")]
+    assert len(said) == 1 and "No space left on device" in said[0] and "training goes on" in said[0]

@@ -68,8 +68,9 @@ def logged(run: Path, key: str) -> list[float]:
 def test_drops_503s_and_stalls_are_resumed_and_every_image_is_scored_once(tmp_path, synthetic_data):
     folder = Path(synthetic_data["train_shards"]).parent
     plan = {
-        "val-000000.tar": ["drop:3000", "503", "ok"],  # cut mid-tar; the resume is answered 503 once
-        "val-000001.tar": ["stall:5000:6"],  # 5,000 bytes, then 6 s of silence (stall_s is 2)
+        # the first request detects the layout; the first validation's is cut mid-tar, its resume answered 503,
+        # the next one stalls (9,000 bytes, then 6 s of silence; stall_s is 2)
+        "val-000000.tar": ["ok", "drop:3000", "503", "stall:9000:6"],
         "train-000000.tar": ["503", "503"],  # unavailable twice, then served
         "train-000001.tar": ["drop:20000", "drop:30000"],  # cut twice, further on each time
     }
@@ -83,10 +84,12 @@ def test_drops_503s_and_stalls_are_resumed_and_every_image_is_scored_once(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     requests = (folder / "requests.log").read_text().splitlines()
     (folder / "requests.log").unlink()
+    (tmp_path / "requests.log").write_text("\n".join(requests))
     print(f"\nfit over the flaky server: {took:.0f} s, {len(requests)} requests")
     # each broken read resumed at the byte it broke: a Range request, not the whole shard again
-    assert "val-000000.tar bytes=3000- 503" in requests and "val-000000.tar bytes=3000- ok" in requests
-    assert "val-000001.tar bytes=5000- ok" in requests
+    assert "val-000000.tar bytes=3000- 503" in requests, requests
+    assert "val-000000.tar bytes=3000- stall:9000:6" in requests, requests
+    assert "val-000000.tar bytes=12000- ok" in requests, requests
     assert "train-000001.tar bytes=20000- drop:30000" in requests
     run = tmp_path / "run"
     assert logged(run, "val/num_images") == [synthetic_data["num_val"]] * 2  # every image, once, both times
@@ -96,7 +99,8 @@ def test_drops_503s_and_stalls_are_resumed_and_every_image_is_scored_once(tmp_pa
 
 def test_a_shard_that_never_comes_is_counted_and_named_not_waited_on(tmp_path, synthetic_data):
     folder = Path(synthetic_data["train_shards"]).parent
-    plan = {"val-000001.tar": ["stall:5000:30"] * 20}  # every request stalls after 5,000 bytes
+    # after the layout's detection, each validation's request stalls after 30,000 bytes, and its retry at once
+    plan = {"val-000000.tar": ["ok", *(["stall:30000:30", "stall:0:30"] * 2), *(["stall:0:30"] * 20)]}
     server, base = serve(folder, plan, tmp_path)
     try:
         started = time.monotonic()
@@ -104,13 +108,14 @@ def test_a_shard_that_never_comes_is_counted_and_named_not_waited_on(tmp_path, s
         took = time.monotonic() - started
     finally:
         server.kill()
+    requests = (folder / "requests.log").read_text().splitlines()
     (folder / "requests.log").unlink()
     assert result.returncode == 0, result.stderr[-3000:]
-    print(f"\nfit with a shard that always stalls: {took:.0f} s")
+    print(f"\nfit with a shard that always stalls: {took:.0f} s, requests: {requests}")
     assert took < 240  # two validations of two stalls each (2 s), not 30 s per request
-    url = f"{base}/val-000001.tar"
+    url = f"{base}/val-000000.tar"
     warnings = [line for line in result.stderr.splitlines() if url in line and "broken_shard" in line]
     assert warnings and "stall" in warnings[0], result.stderr[-3000:]
     counted = logged(tmp_path / "run", "val/num_images")
-    # the other shard's images and the stalled one's first samples, once each; not the rest of it
+    # the samples in the shard's first 30,000 bytes, once each, at both validations; not the rest of it
     assert len(counted) == 2 and 0 < counted[0] < synthetic_data["num_val"] and counted[0] == counted[1]

@@ -56,9 +56,11 @@ def fitted(tmp_path_factory) -> dict:
         "--data.global_batch_size", "4",
         "--data.shuffle_buffer", "12",
         "--model.decoder.init_args.hidden_dim", "128",
+        "--model.decoder.init_args.dropout", "0.0",  # 12 photos: memorise them, so the captions say something
+        "--model.optimizer.init_args.lr", "3.0e-3",
         "--model.lr_schedule.warmup_steps", "2",
-        "--trainer.max_steps", "45",
-        "--trainer.val_check_interval", "15",
+        "--trainer.max_steps", "60",
+        "--trainer.val_check_interval", "20",
         "--trainer.log_every_n_steps", "3",
         "--trainer.default_root_dir", str(run),
     ]  # fmt: skip
@@ -70,7 +72,7 @@ def fitted(tmp_path_factory) -> dict:
 
 def test_the_wheels_weights_are_loaded_and_the_loss_falls(fitted):
     last = torch.load(fitted["run"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert last["global_step"] == 45
+    assert last["global_step"] == 60
     from capline.models.weights import convert_weights
 
     imagenet = convert_weights(yaml.safe_load(CONFIG.read_text())["model"]["encoder"]["init_args"]["checkpoint_path"],
@@ -79,7 +81,7 @@ def test_the_wheels_weights_are_loaded_and_the_loss_falls(fitted):
     assert torch.equal(stem, imagenet["conv_stem.weight"])  # frozen throughout, and ImageNet's
     history = read_run(run_files(fitted["run"])[0])
     losses = series(history, "train/loss")
-    assert len(losses) == 15 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
 
 
 def test_capline_test_logs_the_official_metrics(fitted):
@@ -94,6 +96,6 @@ def test_capline_test_logs_the_official_metrics(fitted):
     assert "model.test_beam_size differs from the checkpoint's; test with the configured values" in result.stderr
     results = json.loads(next(fitted["run"].rglob("test_results.json")).read_text())
     captions = [entry["caption"] for entry in results]
-    assert len(captions) == 4 and all(c and "<unk>" not in c for c in captions)
+    assert len(captions) == 4 and all(c and "<unk>" not in c for c in captions), captions
     for metric in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
         assert metric in result.stdout, result.stdout[-2000:]

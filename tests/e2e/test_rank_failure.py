@@ -100,7 +100,7 @@ def test_a_rank_killed_by_sigkill_ends_the_run_in_one_line_and_resumes_exactly(t
         assert group_gone_within(proc.pid, 30), "processes of the run are still alive"
         gone = time.monotonic() - killed
     print(f"\nrank 1 SIGKILLed: every process gone {gone:.1f} s later, rank 0's exit code {code}")
-    assert code == -signal.SIGKILL and gone < 15
+    assert code != 0 and gone < 15
     argv = check_line(err.read_text(), f"(PID {victim}) was killed by SIGKILL")
     resume_exactly(argv, env, straight, run)
 
@@ -115,8 +115,9 @@ def test_a_rank_that_raises_ends_the_run_in_one_line_and_resumes_exactly(tmp_pat
     started = time.monotonic()
     failed = subprocess.run([CAPLINE, "fit", *args, *inject], env=env, capture_output=True, text=True, timeout=300)
     print(f"\nrank 1 raised at step 7: the run ended {time.monotonic() - started:.1f} s after it started")
-    assert failed.returncode == -signal.SIGKILL
+    assert failed.returncode != 0
     assert "RuntimeError: injected failure on rank 1 at step 7" in failed.stderr  # the rank's own error stays
+    assert failed.stderr.count("Traceback") == 1  # rank 1's; rank 0's broken collective is the line below
     argv = check_line(failed.stderr, "exited with code 1 (its error is printed above)")
     assert argv[2:-2] == [*args, *inject]
     resume_exactly(["capline", "fit", *args, "--ckpt_path", "last"], env, straight, run)  # the failure fixed
