@@ -22,8 +22,8 @@ def test_collapse_warning_rules():
 class ImageBlindModule(CaptionModule):
     """The encoder's features are zeroed: the decoder cannot see the image."""
 
-    def encode(self, images):
-        return super().encode(images) * 0
+    def encode(self, images, keys=None):
+        return super().encode(images, keys) * 0
 
     def _eval_step(self, batch, stage):
         batch = {**batch, "images": torch.zeros_like(batch["images"])}
