@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from capline.errors import causes, first_line
 from capline.vocab import Vocabulary
 
 
@@ -31,10 +32,9 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"checkpoint {str(path)!r} cannot be read: it is truncated, not a PyTorch checkpoint, or holds objects "
-            f"that are unsafe to load ({first_line[:160]})"
+            f"that are unsafe to load ({first_line(err, 160)})"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint (no state_dict)")
@@ -86,12 +86,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def _disk_full(err: BaseException | None) -> OSError | None:
     """The full-disk error behind `err`, if any (torch.save reports a failed write as a RuntimeError raised while
     handling the OSError)."""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, OSError) and err.errno in _DISK_FULL:
-            return err
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return None
+    return next((e for e in causes(err) if isinstance(e, OSError) and e.errno in _DISK_FULL), None)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -136,8 +131,7 @@ def training_position(path: str | Path) -> tuple[int, int] | str:
             return "it is not in PyTorch's zip format (a legacy torch.save file, or not a checkpoint at all)"
         if "zip archive" in str(err) or isinstance(err, (EOFError, zipfile.BadZipFile)):
             return "it is truncated or not a PyTorch checkpoint"
-        first_line = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
-        return f"it cannot be read ({first_line})"
+        return f"it cannot be read ({first_line(err, 100)})"
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         return "it is not a Lightning checkpoint (no state_dict)"
     if "global_step" not in checkpoint or "loops" not in checkpoint:

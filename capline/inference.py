@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from capline.checkpoints import CheckpointError, read_checkpoint
 from capline.data.collate import ImageTransform
 from capline.data.decode import IMAGE_EXTS, SkipSample, open_image
+from capline.errors import first_line
 from capline.module import CaptionModule
 
 MIN_DISPLAY_SIDE = 320  # annotated images are upscaled to at least this short side, so the caption stays legible
@@ -65,7 +66,7 @@ def load_caption_module(ckpt_path: str | Path, run_config: str | Path | None = N
     except CheckpointError:
         raise
     except Exception as err:  # jsonargparse and state-dict errors mean the same to the user
-        raise CheckpointError(f"{str(path)!r} could not be loaded as a capline model ({_first_line(err)})") from None
+        raise CheckpointError(f"{str(path)!r} could not be loaded as a capline model ({first_line(err)})") from None
     return module.eval()
 
 
@@ -82,11 +83,6 @@ def _model_parts_from_run_config(ckpt_path: Path, run_config: str | Path | None)
         f"{str(ckpt_path)!r} does not record its encoder and decoder config, and no run config.yaml with them is "
         f"at {' or '.join(map(str, candidates))}; pass the run's config.yaml with --run-config"
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def find_images(paths: Iterable[str | Path]) -> list[Path]:
@@ -235,6 +231,24 @@ def attention_figure(model_input: torch.Tensor, tokens: list[str], attention: np
         ax.axis("off")
     figure.tight_layout()
     return figure
+
+
+def save_figures(figures: list[Figure], path: Path) -> None:
+    """Renders figures one under the other (each centred) into one PNG at `path`, with an adaptive 256-colour
+    palette that keeps a committed picture small (heatmaps are smooth, photos survive it)."""
+    images = []
+    for figure in figures:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        images.append(Image.open(buffer).convert("RGB"))
+    width = max(image.width for image in images)
+    canvas = Image.new("RGB", (width, sum(image.height for image in images)), "white")
+    top = 0
+    for image in images:
+        canvas.paste(image, ((width - image.width) // 2, top))
+        top += image.height
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def save_outputs(result: CaptionResult, out_dir: Path, stem: str) -> list[Path]:

@@ -15,6 +15,8 @@ from pathlib import Path
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from capline.errors import first_line
+
 log = logging.getLogger(__name__)
 
 _FILE_HEADER = 7  # ":W&B" + magic (2 bytes) + version (1 byte)
@@ -52,9 +54,8 @@ class WandbLogger(_LightningWandbLogger):
             self._quieted = True
             # W&B's own debug logs live in the run folder: when its disk fills, Python's logging would print a
             # traceback for every record they fail to write (capline says what happened once, in _stop_logging)
-            for handler in logging.getLogger("wandb").handlers:
-                if isinstance(handler, logging.FileHandler):
-                    handler.handleError = lambda record: None
+            for handler in _wandb_file_handlers():
+                handler.handleError = lambda record: None
         return run
 
     def _resume_point(self) -> int:
@@ -105,14 +106,9 @@ class WandbLogger(_LightningWandbLogger):
         at = f" at step {step}" if step is not None else ""
         log.warning(
             "W&B stopped logging%s: %s (its files are in %s/wandb); training goes on, and the checkpoints hold "
-            "everything needed to resume", at, _first_line(err), where,
+            "everything needed to resume", at, first_line(err, 200), where,
         )  # fmt: skip
-        # W&B's own log files are on the same failed disk: their handlers would print a traceback per record
-        for name in ("wandb", "wandb.sdk"):
-            for handler in list(logging.getLogger(name).handlers):
-                if isinstance(handler, logging.FileHandler):
-                    logging.getLogger(name).removeHandler(handler)
-        logging.getLogger("wandb").setLevel(logging.CRITICAL)
+        logging.getLogger("wandb").setLevel(logging.CRITICAL)  # its own log files are on the same failed disk
 
 
 def _is_wandb_failure(err: Exception) -> bool:
@@ -120,9 +116,10 @@ def _is_wandb_failure(err: Exception) -> bool:
     return isinstance(err, (OSError, ConnectionError)) or type(err).__module__.startswith("wandb")
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+def _wandb_file_handlers() -> list[logging.FileHandler]:
+    """The handlers writing W&B's own debug logs (in the run folder)."""
+    loggers = [logging.getLogger(name) for name in ("wandb", "wandb.sdk")]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.FileHandler)]
 
 
 def offline_run_files(save_dir: str | None, run_id: str) -> list[Path]:

@@ -12,7 +12,6 @@ decoder looks for each word, upsampled from its feature grid over the image.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import textwrap
 from pathlib import Path
@@ -21,12 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from capline.data.synthetic import VAL_INDEX_OFFSET, encode_scene, generate_scene, scene_record  # noqa: E402
-from capline.inference import Captioner, CaptionResult, load_caption_module  # noqa: E402
+from capline.inference import Captioner, CaptionResult, load_caption_module, save_figures  # noqa: E402
 from capline.metrics.scene_truth import judge_caption  # noqa: E402
 
 PANEL_PX = 192  # each scene is drawn at this size (nearest-neighbour: the pixels the model saw, only larger)
@@ -88,22 +86,6 @@ def attention_strip(result: CaptionResult, columns: int = 8) -> Figure:
     return figure
 
 
-def _render(figure: Figure) -> Image.Image:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return Image.open(buffer).convert("RGB")
-
-
-def stack(images: list[Image.Image]) -> Image.Image:
-    width = max(image.width for image in images)
-    canvas = Image.new("RGB", (width, sum(image.height for image in images)), "white")
-    top = 0
-    for image in images:
-        canvas.paste(image, ((width - image.width) // 2, top))
-        top += image.height
-    return canvas
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by `capline fit` on the demo data")
@@ -115,13 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     captioner = Captioner(load_caption_module(args.ckpt), beam_size=args.beam_size)
     judged = caption_scenes(captioner, args.num, args.seed, args.image_size)
-    panels = [_render(scene_grid(judged))]
+    panels = [scene_grid(judged)]
     shown = next((r for r, true in judged if true and r.attention is not None), None)
     if shown is not None:
-        panels.append(_render(attention_strip(shown)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # An adaptive 256-colour palette keeps the committed PNG small (the heatmaps are smooth, the scenes flat).
-    stack(panels).quantize(256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
+        panels.append(attention_strip(shown))
+    save_figures(panels, args.out)
     print(f"wrote {args.out}: {sum(t for _, t in judged)} of {len(judged)} captions true")
     return 0
 

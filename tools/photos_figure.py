@@ -12,16 +12,14 @@ test` does (the checkpoint's beam size), and shown with the first of its five re
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from PIL import Image
 
 from capline.data.flickr import load_flickr_captions, load_split_list
-from capline.inference import Captioner, attention_figure, load_caption_module
+from capline.inference import Captioner, attention_figure, load_caption_module, save_figures
 
 
 def photo_grid(results, references: list[str], columns: int = 4) -> Figure:
@@ -39,22 +37,6 @@ def photo_grid(results, references: list[str], columns: int = 4) -> Figure:
         ax.set_yticks([])
     figure.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
     return figure
-
-
-def render(figure: Figure) -> Image.Image:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return Image.open(buffer).convert("RGB")
-
-
-def stack(images: list[Image.Image]) -> Image.Image:
-    width = max(image.width for image in images)
-    canvas = Image.new("RGB", (width, sum(image.height for image in images)), "white")
-    top = 0
-    for image in images:
-        canvas.paste(image, ((width - image.width) // 2, top))
-        top += image.height
-    return canvas
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,12 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"photos_figure.py: error: {failed[0].path}: {failed[0].error}", file=sys.stderr)
         return 2
     captioner.caption(results)
-    panels = [render(photo_grid(results, [captions[name][0] for name in names]))]
+    panels = [photo_grid(results, [captions[name][0] for name in names])]
     first = results[0]
     if first.attention is not None:
-        panels.append(render(attention_figure(first.model_input, first.tokens, first.attention)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    stack(panels).quantize(256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
+        panels.append(attention_figure(first.model_input, first.tokens, first.attention))
+    save_figures(panels, args.out)
     for name, result in zip(names, results):
         print(f"{name}\t{result.caption}")
     print(f"wrote {args.out}")

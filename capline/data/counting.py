@@ -101,9 +101,9 @@ def tar_members(read: Callable[[int, int], bytes]) -> Iterator[TarMember]:
             length = (length if size is None else size) if kind in _REGULAR or kind not in _KNOWN else 0
             sparse = sparse or kind == b"S"
             regular = kind in _REGULAR and not sparse
-            yield TarMember(start, name, regular, data, length, _end_of(data - _BLOCK, length), sparse)
-            start, name, size, sparse = None, None, None, False
-            at = _end_of(data - _BLOCK, length)
+            end = _end_of(data - _BLOCK, length)
+            yield TarMember(start, name, regular, data, length, end, sparse)
+            start, name, size, sparse, at = None, None, None, False, end
             continue
         at = _end_of(at, length)
 

@@ -23,6 +23,7 @@ from capline.data.counting import NotATar, local_path, tar_members, tar_sample_o
 from capline.data.decode import SkipCounter
 from capline.data.elastic import ElasticOrder, slot_lanes
 from capline.data.http import HTTPOptions, HTTPShardStream, ShardReadError, is_http
+from capline.errors import causes
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,7 @@ class _Stream(IterableDataset):
 
 def _shard_read_error(exn: BaseException | None) -> ShardReadError | None:
     """The `ShardReadError` behind `exn` (tarfile reports a failed read of its stream as its own error)."""
-    for _ in range(8):
-        if exn is None or isinstance(exn, ShardReadError):
-            return exn
-        exn = exn.__cause__ or exn.__context__
-    return None
+    return next((e for e in causes(exn) if isinstance(e, ShardReadError)), None)
 
 
 def _local_tar_files(path: str, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:

