@@ -14,6 +14,7 @@ import logging
 import shlex
 import signal
 import sys
+import threading
 import time
 
 from lightning.fabric.strategies.launchers import subprocess_script
@@ -21,6 +22,7 @@ from lightning.fabric.strategies.launchers import subprocess_script
 _resume: dict | None = None  # what the line needs: the command's arguments, the checkpoint folder, the run's root
 _observer: ReportingChildObserver | None = None  # the watcher of this process's child ranks, once it runs
 _reported = False
+_reporting = threading.Lock()  # the observer thread waits for a line the main thread is writing before it kills all
 
 
 def describe_exit(code: int) -> str:
@@ -82,11 +84,13 @@ class ReportingChildObserver(subprocess_script._ChildProcessObserver):
 
 
 def report(rank: int, process) -> None:
-    """Prints the line about a child rank that ended, once."""
+    """Prints the line about a child rank that ended, once: from rank 0's main thread (its collective broke) or from
+    the observer thread (which then stops every process), whichever comes first; the other waits until it is out."""
     global _reported
-    if not _reported:
-        _reported = True
-        print(report_line(rank, process.pid, process.returncode), file=sys.stderr, flush=True)
+    with _reporting:
+        if not _reported:
+            _reported = True
+            print(report_line(rank, process.pid, process.returncode), file=sys.stderr, flush=True)
 
 
 def failed_child_behind(err: BaseException, wait_s: float = 3.0) -> tuple[int, object] | None:
