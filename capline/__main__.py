@@ -1,5 +1,5 @@
 """`python -m capline ...` is the `capline` command (torchrun launches it this way)."""
 
-from capline.cli import cli_main
+from capline.entry import main
 
-cli_main()
+main()

@@ -1,6 +1,7 @@
-"""The `capline` command: LightningCLI with `fit`, `validate`, `test` and `predict`.
+"""The `capline` command: LightningCLI with `fit`, `validate`, `test` and `predict`, and the tools of
+`capline.commands` (`configs`, `shards`, `caption`, `evaluate`, `scene-check`).
 
-    capline fit --config configs/demo.yaml                        # the CPU demo, data generated on first use
+    capline fit --config demo                                     # the CPU demo, data generated on first use
     capline fit --config configs/coco_show_tell.yaml --trainer.devices 8
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
         -m capline fit --config configs/coco_show_tell.yaml --config configs/multinode.yaml
@@ -26,6 +27,7 @@ from capline import rank_failure
 from capline.callbacks.checkpoint import CaptionCheckpoint
 from capline.callbacks.predictions import CaptionPredictionWriter
 from capline.checkpoints import AtomicCheckpointIO, CheckpointError, CheckpointWriteError, read_checkpoint
+from capline.config_files import expand_config_args
 from capline.data.datamodule import CaptionDataModule, DataConfigError
 from capline.models.encoder import EncoderConfigError
 from capline.models.weights import WeightsError
@@ -216,14 +218,18 @@ def checkpoint_write_failed(err: CheckpointWriteError) -> str:
 
 
 def cli_main(args: list[str] | None = None) -> None:
-    """Runs the CLI; `args` lets tests drive the real command in-process."""
-    if (args if args is not None else sys.argv[1:])[:1] == ["fit"]:
+    """Runs Lightning's subcommands; `args` lets tests drive the real command in-process (`capline.entry.main` is
+    the `capline` command: it runs the other subcommands without importing Lightning)."""
+    argv = expand_config_args(list(args if args is not None else sys.argv[1:]))  # `--config demo`: shipped configs
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads the command line itself (given `args` too, it warns)
+    if argv[:1] == ["fit"]:
         install_signal_handlers()  # a preemption signal during start-up is kept for the first step boundary
     try:
         CaptionCLI(
             CaptionModule,
             CaptionDataModule,
-            args=args,
+            args=None if args is None else argv,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml instead of refusing
             auto_configure_optimizers=False,
         )

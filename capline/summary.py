@@ -31,7 +31,7 @@ def fit_summary(trainer, config_path: str | None) -> str:
             command = ["capline", "predict", "--config", config_path, "--ckpt_path", ckpt]
             command += ["--data.predict_images", "photos/"]
         else:
-            command = ["python", "tools/caption.py", "--ckpt", ckpt, "photos/"]
+            command = ["capline", "caption", "--ckpt", ckpt, "photos/"]
         lines.append(f"  caption images: {shlex.join(command)}")
     return "\n".join(lines)
 

@@ -98,7 +98,7 @@ class Vocabulary:
     def load(cls, path: str | Path) -> Vocabulary:
         path = Path(path)
         if not path.is_file():
-            raise VocabError(f"vocabulary file {str(path)!r} does not exist; make it with tools/make_shards.py")
+            raise VocabError(f"vocabulary file {str(path)!r} does not exist; make it with capline shards")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -35,7 +35,7 @@ def shards(tmp_path: Path, split: str, captions: dict[str, list[str]]) -> str:
     tokens = tmp_path / f"{split}.token.txt"
     tokens.write_text("".join(f"{n}.jpg#{i}\t{c}\n" for n, caps in captions.items() for i, c in enumerate(caps)))
     out = tmp_path / "shards"
-    command = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "flickr", "--images", str(images),
+    command = [sys.executable, "-m", "capline", "shards", "flickr", "--images", str(images),
                "--captions", str(tokens), "--split", split, "--out", str(out), "--no-progress"]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True)
     return str(out / f"{split}-000000.tar")

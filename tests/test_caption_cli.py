@@ -1,10 +1,10 @@
-"""`tools/caption.py` and `capline.inference` on checkpoints trained by the real `capline fit`, and on image files
+"""`capline caption` and `capline.inference` on checkpoints trained by the real `capline fit`, and on image files
 of every kind a user may have: RGB, grayscale, CMYK, palette, alpha, 16-bit, large, non-square and truncated."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -24,16 +24,13 @@ from capline.data.decode import open_image
 from capline.inference import Captioner, find_images, load_caption_module
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tools" / "caption.py"
+COMMAND = [sys.executable, "-m", "capline", "caption"]  # the `capline` entry point, as `python -m`
 
 pytestmark = pytest.mark.slow  # the fixtures train two tiny models through the real CLI (about a minute)
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("caption_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("capline.commands.caption")
 
 
 def caption(*args) -> int:
@@ -118,7 +115,7 @@ def reference_generation(module, path: Path, beam_size: int):
 def test_lines_warnings_and_exit_code_of_the_real_command(trained, images):
     missing = images["folder"] / "missing.jpg"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--ckpt", trained["show_tell"], images["folder"], str(missing),
+        [*COMMAND, "--ckpt", trained["show_tell"], images["folder"], str(missing),
          "--batch-size", "3", "--device", "cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -129,9 +126,9 @@ def test_lines_warnings_and_exit_code_of_the_real_command(trained, images):
     assert all(line.count("\t") == 1 for line in lines), lines
     errors = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr
-    assert errors[0].startswith(f"caption.py: warning: skipped {images['truncated']}: corrupt_image")
-    assert errors[1] == f"caption.py: warning: skipped {missing}: No such file or directory"
-    assert errors[2:] == [f"caption.py: 2 of {len(images['readable']) + 2} images could not be read"]
+    assert errors[0].startswith(f"capline caption: warning: skipped {images['truncated']}: corrupt_image")
+    assert errors[1] == f"capline caption: warning: skipped {missing}: No such file or directory"
+    assert errors[2:] == [f"capline caption: 2 of {len(images['readable']) + 2} images could not be read"]
 
 
 def test_captions_equal_generate_on_the_training_preprocessing(trained, images, capsys):
@@ -194,11 +191,11 @@ def test_attention_figures_and_weights(trained, images, tmp_path, capsys):
 def test_a_bad_checkpoint_is_one_line_and_exit_code_2(tmp_path, capsys):
     missing = tmp_path / "missing.ckpt"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--ckpt", str(missing), str(tmp_path)],
+        [*COMMAND, "--ckpt", str(missing), str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.splitlines() == [f"caption.py: error: checkpoint {str(missing)!r} does not exist"]
+    assert result.stderr.splitlines() == [f"capline caption: error: checkpoint {str(missing)!r} does not exist"]
 
     not_torch = tmp_path / "notes.ckpt"
     not_torch.write_text("hello")
@@ -208,7 +205,7 @@ def test_a_bad_checkpoint_is_one_line_and_exit_code_2(tmp_path, capsys):
         assert caption("--ckpt", ckpt, tmp_path) == 2
         captured = capsys.readouterr()
         [error] = captured.err.splitlines()
-        assert error.startswith("caption.py: error:") and str(ckpt) in error and words in error, error
+        assert error.startswith("capline caption: error:") and str(ckpt) in error and words in error, error
         assert captured.out == ""
 
 
@@ -221,7 +218,7 @@ def test_unsafe_objects_in_a_checkpoint_are_refused(tmp_path):
 
 def test_no_readable_image_is_exit_code_1(trained, images, capsys):
     assert caption("--ckpt", trained["show_tell"], images["truncated"]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == "caption.py: error: no image could be captioned"
+    assert capsys.readouterr().err.splitlines()[-1] == "capline caption: error: no image could be captioned"
     empty = images["folder"] / "empty"
     empty.mkdir(exist_ok=True)
     assert caption("--ckpt", trained["show_tell"], empty) == 1

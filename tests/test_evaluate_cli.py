@@ -1,8 +1,8 @@
-"""`tools/evaluate.py`: the real script on the demo fixture, its table, and one-line errors with exit code 2."""
+"""`capline evaluate`: the real command on the demo fixture, its table, and one-line errors with exit code 2."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import shutil
 import subprocess
@@ -12,17 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-SCRIPT = ROOT / "tools" / "evaluate.py"
+COMMAND = [sys.executable, "-m", "capline", "evaluate"]  # the `capline` entry point, as `python -m`
 FIXTURE = ROOT / "tests" / "fixtures" / "coco-caption-demo"
 REFERENCES = FIXTURE / "captions_val2014_subset.json"
 RESULTS = FIXTURE / "captions_val2014_fakecap_results.json"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("capline.commands.evaluate")
 
 
 @pytest.mark.slow
@@ -30,8 +27,7 @@ def load_script():
 def test_json_output_on_the_demo_fixture():
     completed = subprocess.run(
         [
-            sys.executable,
-            str(SCRIPT),
+            *COMMAND,
             "--annotations",
             str(REFERENCES),
             "--results",
@@ -65,25 +61,25 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     script = load_script()
     missing = tmp_path / "missing.json"
     assert script.main(["--annotations", str(REFERENCES), "--results", str(missing)]) == 2
-    assert capsys.readouterr().err == f"evaluate.py: error: {missing} does not exist\n"
+    assert capsys.readouterr().err == f"capline evaluate: error: {missing} does not exist\n"
     foreign = tmp_path / "foreign.json"
     foreign.write_text('[{"image_id": 1, "caption": "a cat"}, {"image_id": 2, "caption": "a dog"}]')
     assert script.main(["--annotations", str(REFERENCES), "--results", str(foreign)]) == 2
-    assert capsys.readouterr().err == "evaluate.py: error: 2 result image ids have no references, e.g. 1\n"
+    assert capsys.readouterr().err == "capline evaluate: error: 2 result image ids have no references, e.g. 1\n"
 
 
 def test_the_script_runs_from_the_repo_root_and_fails_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     completed = subprocess.run(
-        [sys.executable, "tools/evaluate.py", "--annotations", str(bad), "--results", str(RESULTS)],
+        [*COMMAND, "--annotations", str(bad), "--results", str(RESULTS)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert completed.returncode == 2
-    assert completed.stderr.startswith(f"evaluate.py: error: {bad} is not valid JSON")
+    assert completed.stderr.startswith(f"capline evaluate: error: {bad} is not valid JSON")
     assert len(completed.stderr.splitlines()) == 1 and completed.stdout == ""
-    usage = subprocess.run([sys.executable, "tools/evaluate.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    usage = subprocess.run(COMMAND, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and len(usage.stderr.splitlines()) == 1

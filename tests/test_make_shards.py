@@ -1,4 +1,4 @@
-"""tools/make_shards.py run as a subprocess on a tiny fake COCO layout and on the synthetic scenes."""
+"""`capline shards` run as a subprocess on a tiny fake COCO layout and on the synthetic scenes."""
 
 import io
 import json
@@ -68,7 +68,11 @@ def coco(tmp_path) -> Path:
 
 def make_shards(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "tools/make_shards.py", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "capline", "shards", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -288,7 +292,7 @@ def test_bad_arguments_exit_2_with_one_sentence(coco, tmp_path, problem):
     )
 
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("make_shards.py: error: ")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("capline shards: error: ")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # rejected before any work
 

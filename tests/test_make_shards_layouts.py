@@ -1,4 +1,4 @@
-"""tools/make_shards.py for the seeds' datasets and for shards made elsewhere: Flickr8k/30k caption files, Karpathy's
+"""`capline shards` for the seeds' datasets and for shards made elsewhere: Flickr8k/30k caption files, Karpathy's
 Flickr JSON, and `vocab` / `index` over CLIP-benchmark-layout shards, run as the real command."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ NAMES = ["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg", "1002674143_1
 
 def make_shards(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "tools/make_shards.py"), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "capline", "shards", *args], capture_output=True, text=True, timeout=300
     )
 
 
@@ -111,7 +111,7 @@ def test_karpathy_json_of_another_shape_fails_in_one_sentence(flickr, content, w
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("make_shards.py: error:") and all(w in message for w in words), message
+    assert message.startswith("capline shards: error:") and all(w in message for w in words), message
 
 
 def test_token_file_without_a_caption_line_names_the_file_and_line(tmp_path):

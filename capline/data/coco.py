@@ -1,6 +1,6 @@
 """COCO captions (official 2014/2017 annotations, optionally Karpathy splits) written as capline shards.
 
-`tools/make_shards.py coco` is the command-line entry point; this module holds the steps:
+`capline shards coco` is the command-line entry point; this module holds the steps:
 
     images = load_coco_annotations(["annotations/captions_train2014.json"])   # {image_id: CocoImage}
     report = write_coco_shards(sorted(images.values()), "coco", "out", "train", max_size=256)

@@ -1,7 +1,7 @@
 """How many samples a shard list holds, without decoding it: the training epoch is measured in samples.
 
 For each shard, the first source that knows wins: capline's `<split>-index.json` (written by its shard writer),
-`capline-counts.json` (written by `tools/make_shards.py index` for shards made elsewhere), img2dataset's
+`capline-counts.json` (written by `capline shards index` for shards made elsewhere), img2dataset's
 `NNNNN_stats.json` beside `NNNNN.tar`, and, for a local shard, its tar headers (read, not its members' data).
 Remote shards are counted only from an index; else `data.samples_per_epoch` must say it.
 """
@@ -233,7 +233,7 @@ def shard_counts(urls: list[str]) -> list[int] | None:
         counts.append(count)
     if headers_read:
         log.info(
-            "counted the samples of %d shards from their tar headers in %.1f s (python tools/make_shards.py index "
+            "counted the samples of %d shards from their tar headers in %.1f s (capline shards index "
             "writes %s to skip this)",
             headers_read, time.perf_counter() - started, COUNTS_FILE,
         )  # fmt: skip

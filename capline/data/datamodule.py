@@ -48,7 +48,7 @@ class CaptionDataModule(L.LightningDataModule):
         test_shards: Test shards, read like validation (and by `capline predict` without `predict_images`).
         predict_images: `capline predict` captions these image files instead of the test shards: a folder (its
             JPEG, PNG and WebP files) or a glob (`photos/**/*.jpg`); every file once across all ranks.
-        vocab: The `vocab.json` written by `tools/make_shards.py`.
+        vocab: The `vocab.json` written by `capline shards`.
         synthetic: Generate the embedded demo dataset on first use and read it (overrides the paths above).
         global_batch_size: Images per optimizer step over all devices; each device gets global / world size.
         eval_batch_size: Images per device per evaluation batch (default: the per-device training batch).
@@ -112,7 +112,7 @@ class CaptionDataModule(L.LightningDataModule):
             train_shards, val_shards, vocab = made["train_shards"], made["val_shards"], made["vocab"]
             test_shards = test_shards or val_shards
         if vocab is None:
-            raise DataConfigError("data.vocab is not set; point it to the vocab.json written by tools/make_shards.py")
+            raise DataConfigError("data.vocab is not set; point it to the vocab.json written by capline shards")
         self.vocab = Vocabulary.load(vocab)
         self.vocab_file = str(vocab)
         patterns = {"train_shards": train_shards, "val_shards": val_shards, "test_shards": test_shards}
@@ -194,12 +194,12 @@ class CaptionDataModule(L.LightningDataModule):
         if samples is None:
             raise DataConfigError(
                 "data.samples_per_epoch is not set and remote training shards cannot be counted; set it to the "
-                "number of training samples (or index local copies with tools/make_shards.py index)"
+                "number of training samples (or index local copies with capline shards index)"
             )
         if counts is None:
             log.warning(
                 "the training shards have no sample counts: the data order assumes %d samples in each of them, "
-                "so an epoch may repeat some samples and miss others (tools/make_shards.py index counts them)",
+                "so an epoch may repeat some samples and miss others (capline shards index counts them)",
                 samples // len(urls),
             )  # fmt: skip
             counts = even_counts(samples, len(urls))

@@ -1,7 +1,7 @@
 """The caption shard layouts capline reads, and telling them apart from a shard's first samples.
 
 - `capline`: `<key>.json` = `{"image_id": ..., "captions": [...]}`, all references of the image in one sample
-  (what `tools/make_shards.py` writes).
+  (what `capline shards` writes).
 - `img2dataset`: one sample per caption: `<key>.txt` (the caption) and `<key>.json` (`caption`, `url`, `key`,
   `status`, `width`, ..., `sha256`), as img2dataset's webdataset output has them. The caption is the `.txt`, or the
   JSON's `caption`. Samples of one image are merged for evaluation by `group_field` (the image url by default).

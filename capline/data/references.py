@@ -44,6 +44,6 @@ def training_references(
         raise MissingReferencesError(
             f"model.scst scores each sample against all reference captions of its image, but every one of the "
             f"{len(refs)} training samples holds a single caption (one sample per caption, as img2dataset writes "
-            f"them); write shards with one sample per image and all its captions (tools/make_shards.py)"
+            f"them); write shards with one sample per image and all its captions (capline shards)"
         )
     return refs

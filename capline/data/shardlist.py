@@ -1,6 +1,6 @@
 """Shard patterns: what a `data.*_shards` setting names, and the error for a data setting that cannot work.
 
-Kept apart from the DataModule so that `tools/make_shards.py` reads shards without loading Lightning.
+Kept apart from the DataModule so that `capline shards` reads shards without loading Lightning.
 """
 
 from __future__ import annotations

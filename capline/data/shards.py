@@ -86,7 +86,7 @@ def read_index(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise ShardIndexError(f"shard index {str(path)!r} does not exist; write the shards with tools/make_shards.py")
+        raise ShardIndexError(f"shard index {str(path)!r} does not exist; write the shards with capline shards")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         counts = [int(s["num_samples"]) for s in index["shards"]]

@@ -37,7 +37,7 @@ def _first_samples(urls: list[str], counter: SkipCounter, limit: int, max_shards
 
 
 def _rank_zero_info(message: str) -> None:
-    """Lightning's rank-zero INFO line, imported when first used: `tools/make_shards.py` runs without Lightning."""
+    """Lightning's rank-zero INFO line, imported when first used: `capline shards` runs without Lightning."""
     from lightning.pytorch.utilities import rank_zero_info
 
     rank_zero_info(message)

@@ -1,6 +1,6 @@
 """Caption metrics: fast CIDEr-D, the validation metric and the official COCO evaluation.
 
-The names are imported on first use, so `tools/evaluate.py` (official metrics only) starts without torch.
+The names are imported on first use, so `capline evaluate` (official metrics only) starts without torch.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def run(tmp_path: Path, command: list[str]) -> subprocess.CompletedProcess:
 
 def make_vocab(tmp_path: Path, shards: str) -> str:
     vocab = tmp_path / "vocab.json"
-    result = run(tmp_path, [sys.executable, str(ROOT / "tools/make_shards.py"), "vocab", "--shards", shards,
+    result = run(tmp_path, [sys.executable, "-m", "capline", "shards", "vocab", "--shards", shards,
                             "--out", str(vocab), "--min-count", "1"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     return str(vocab)

@@ -32,7 +32,7 @@ def make_shards(tmp_path: Path) -> Path:
     for split, chosen in (("train", names[:12]), ("val", names[12:]), ("test", names[12:])):
         listing = tmp_path / f"{split}.txt"
         listing.write_text("\n".join(chosen) + "\n")
-        command = [sys.executable, str(ROOT / "tools/make_shards.py"), "flickr", "--images", str(PHOTOS),
+        command = [sys.executable, "-m", "capline", "shards", "flickr", "--images", str(PHOTOS),
                    "--captions", str(PHOTOS / "Flickr8k.token.txt"), "--split-file", str(listing), "--split", split,
                    "--out", str(out), "--min-count", "1", "--no-progress", "--shard-size", "6"]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True)

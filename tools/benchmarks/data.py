@@ -35,7 +35,7 @@ from tools.benchmarks import main
 from tools.benchmarks import row as _row
 
 WIDTH, HEIGHT, QUALITY = 640, 480, 90  # COCO's typical photo
-PRE_RESIZE = 256  # the short side of `make_shards.py --max-size 256`
+PRE_RESIZE = 256  # the short side of `capline shards --max-size 256`
 BATCH_SIZE, SHARD_SIZE = 64, 100
 ENCODER = "resnet50"  # its timm data config: 224 px, crop_pct 0.95, bicubic
 WORDS = "a man woman dog cat sits stands on the in of with red blue small large table street field near".split()
@@ -70,7 +70,7 @@ def _caption(index: int) -> str:
 
 
 def make_pre_resized_photo(index: int) -> bytes:
-    """`make_photo(index)` as `make_shards.py --max-size 256` stores it."""
+    """`make_photo(index)` as `capline shards --max-size 256` stores it."""
     return encode_image(make_photo(index), PRE_RESIZE)[0]
 
 

@@ -5,7 +5,7 @@
 
 Only on a machine with CUDA (elsewhere the rows say "not measured"). `Trainer.fit` trains `CaptionModule` on one
 GPU from `CaptionDataModule` reading the COCO-like shards of `tools/benchmarks/data.py` (pre-resized to 256 px, as
-`make_shards.py --max-size 256` writes them, and as they are), with a 10,000-word vocabulary. Reported per
+`capline shards --max-size 256` writes them, and as they are), with a 10,000-word vocabulary. Reported per
 setting: images/s per GPU at steady state, and the fraction of that wall time the training loop spent blocked
 in the dataloader's `next()`. The settings: encoder trained, and encoder frozen (no gradient, BatchNorm in eval).
 """

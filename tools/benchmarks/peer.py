@@ -9,7 +9,7 @@ The peer is open_clip's training pipeline (`open_clip_train/data.py`, `get_wds_d
 torchvision's Resize (bicubic, to the short side timm's data config gives resnet50) + CenterCrop(224) + ToTensor
 + Normalize. Its text is left as it is (open_clip would tokenize it: more work for the peer, not less).
 
-Three layouts of the same images: capline's raw shards and `make_shards.py --max-size 256` shards (from
+Three layouts of the same images: capline's raw shards and `capline shards --max-size 256` shards (from
 `tools.benchmarks.data`), and the raw images in img2dataset's layout (`.jpg`, `.txt`, `.json` with url, key,
 status, sizes). capline's loader reads each with `data.format: auto`. Both sides are timed at steady state (each
 worker's first batch excluded), interleaved, best of the repeats; the value is capline's images/s over the peer's.

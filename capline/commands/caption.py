@@ -1,10 +1,10 @@
 """Captions image files with a trained capline checkpoint.
 
-Usage, from the repository root:
+Usage (also `python -m capline.commands.caption`):
 
-    python tools/caption.py --ckpt runs/demo/checkpoints/last.ckpt photo.jpg scans/
-    python tools/caption.py --ckpt last.ckpt images/ --beam-size 5 --batch-size 64 --json --device cuda
-    python tools/caption.py --ckpt last.ckpt images/ --out annotated/   # captioned images, attention figures
+    capline caption --ckpt runs/demo/checkpoints/last.ckpt photo.jpg scans/
+    capline caption --ckpt last.ckpt images/ --beam-size 5 --batch-size 64 --json --device cuda
+    capline caption --ckpt last.ckpt images/ --out annotated/   # captioned images, attention figures
 
 Any JPEG or PNG is read (grayscale, CMYK, palette, alpha, 16-bit) and preprocessed exactly as in training.
 A directory stands for its *.jpg, *.jpeg and *.png files. Prints `path<TAB>caption` per image, or with `--json`
@@ -27,7 +27,7 @@ import torch
 from capline.checkpoints import CheckpointError
 from capline.inference import Captioner, find_images, load_caption_module, save_outputs
 
-PROG = "caption.py"
+PROG = "capline caption"
 EXIT_NONE_CAPTIONED, EXIT_ERROR = 1, 2
 
 

@@ -1,9 +1,9 @@
 """Scores a COCO captioning results file with the official metrics (BLEU 1-4, METEOR, ROUGE-L, CIDEr, SPICE).
 
-Usage, from the repository root (needs Java; SPICE runs only when its Stanford CoreNLP models are installed):
+Usage (needs Java; SPICE runs only when its Stanford CoreNLP models are installed):
 
-    python tools/evaluate.py --annotations captions_val2014.json --results results.json
-    python tools/evaluate.py --annotations captions_val2014.json --results results.json --json --no-spice
+    capline evaluate --annotations captions_val2014.json --results results.json
+    capline evaluate --annotations captions_val2014.json --results results.json --json --no-spice
 
 Only the image ids present in the results file are scored, as in the official evaluation. With `--json` the last
 stdout line is one JSON object of the scores. Errors are one line on stderr and exit code 2.
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="evaluate.py", description="Official COCO caption metrics of a results file.")
+    parser = _Parser(prog="capline evaluate", description="Official COCO caption metrics of a results file.")
     parser.add_argument("--annotations", required=True, help="COCO captions annotation JSON (the references)")
     parser.add_argument("--results", required=True, help="results JSON: a list of {image_id, caption}")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         results = load_coco_results(args.results)
         scores = evaluate_coco(references, results, spice=not args.no_spice)
     except (OSError, ValueError, RuntimeError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        print(f"capline evaluate: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     print(json.dumps(scores) if args.json else format_table(scores, len(results)))
     return 0

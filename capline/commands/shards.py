@@ -2,33 +2,33 @@
 
 COCO 2014 with the Karpathy splits (images in coco/train2014/ and coco/val2014/):
 
-    python tools/make_shards.py coco --images coco --out shards/coco --split train --max-size 256 --workers 8 \
+    capline shards coco --images coco --out shards/coco --split train --max-size 256 --workers 8 \
         --annotations coco/annotations/captions_train2014.json coco/annotations/captions_val2014.json \
         --karpathy dataset_coco.json --karpathy-split train+restval
-    python tools/make_shards.py coco --images coco --out shards/coco --split val --max-size 256 \
+    capline shards coco --images coco --out shards/coco --split val --max-size 256 \
         --annotations coco/annotations/captions_val2014.json --karpathy dataset_coco.json --karpathy-split val
 
 The official 2017 split (a training split also writes the vocabulary, words seen >= --min-count times):
 
-    python tools/make_shards.py coco --images coco/train2017 --out shards/coco17 --split train \
+    capline shards coco --images coco/train2017 --out shards/coco17 --split train \
         --annotations coco/annotations/captions_train2017.json
 
 The synthetic scenes, then the config lines that point at them:
 
-    python tools/make_shards.py synthetic --out data/synthetic --num-train 8000 --num-val 500
+    capline shards synthetic --out data/synthetic --num-train 8000 --num-val 500
 
 Flickr8k (or Flickr30k's results_20130124.token / results.csv) with its split lists, or any of Karpathy's files:
 
-    python tools/make_shards.py flickr --images Flicker8k_Dataset --captions Flickr8k.token.txt \
+    capline shards flickr --images Flicker8k_Dataset --captions Flickr8k.token.txt \
         --split-file Flickr_8k.trainImages.txt --split train --out shards/flickr8k
-    python tools/make_shards.py karpathy --dataset dataset_flickr8k.json --images Flicker8k_Dataset \
+    capline shards karpathy --dataset dataset_flickr8k.json --images Flicker8k_Dataset \
         --karpathy-split train --split train --out shards/flickr8k
 
 Shards made elsewhere (img2dataset, CLIP-benchmark, any layout data.format reads): their vocabulary, and a
 sample-count index (capline-counts.json) so training need not count them at start-up:
 
-    python tools/make_shards.py vocab --shards "mscoco/{00000..00059}.tar" --out mscoco/vocab.json
-    python tools/make_shards.py index --shards "mscoco/{00000..00059}.tar"
+    capline shards vocab --shards "mscoco/{00000..00059}.tar" --out mscoco/vocab.json
+    capline shards index --shards "mscoco/{00000..00059}.tar"
 
 Exit status: 0 on success, 1 when no image could be written, 2 for bad arguments.
 """
@@ -58,7 +58,7 @@ from capline.data.synthetic import ensure_synthetic_dataset
 from capline.data.usable import NoUsableDataError, detect_shard_layout
 from capline.vocab import Vocabulary
 
-log = logging.getLogger("make_shards")
+log = logging.getLogger("capline.shards")
 
 
 class UsageError(Exception):
@@ -66,7 +66,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="capline shards", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     coco = commands.add_parser("coco", help="COCO captions (official annotations, optionally Karpathy splits)")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except UsageError as err:
-        print(f"make_shards.py: error: {err}", file=sys.stderr)
+        print(f"capline shards: error: {err}", file=sys.stderr)
         return 2
 
 
