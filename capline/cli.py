@@ -99,7 +99,11 @@ class CaptionCLI(LightningCLI):
             }
         )
 
-    def _parse_ckpt_path(self) -> None:
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self._prepare_run()
+
+    def _prepare_run(self) -> None:
         # Runs right after parsing, before Lightning reads the checkpoint's hyper-parameters: resolve `last`,
         # and refuse a bad checkpoint file in one sentence.
         subcommand = self.config.get("subcommand")
@@ -129,11 +133,17 @@ class CaptionCLI(LightningCLI):
             checkpoint = read_checkpoint(config.ckpt_path)
             if subcommand == "fit":
                 continue_wandb_run(config, checkpoint)
-        configured = copy.deepcopy(config.get("model")) if config.get("ckpt_path") else None
-        super()._parse_ckpt_path()  # the checkpoint's hyper-parameters replace the configured ones...
-        if configured is not None:
+        self._configured = copy.deepcopy(config.get("model")) if config.get("ckpt_path") else None
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning >= 2.5.5 calls this after `parse_arguments`: the checkpoint's hyper-parameters replace the
+        # configured ones... (older releases keep the configured ones, which is where this ends up anyway)
+        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        if getattr(self, "_configured", None) is not None:
             keys = None if subcommand == "fit" else DECODING_KEYS
-            _keep_configured(self.config[subcommand], configured, keys, "fit continues" if keys is None else subcommand)
+            _keep_configured(self.config[subcommand], self._configured, keys,
+                             "fit continues" if keys is None else subcommand)  # fmt: skip
 
     def instantiate_trainer(self, **kwargs):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
