@@ -91,7 +91,7 @@ def test_shards_predict_and_caption_on_a_folder_of_photos(installed, demo):
                 str(PHOTOS / "Flickr8k.token.txt"), "--split-file", "split.txt", "--split", "train", "--out", "shards",
                 "--min-count", "1", "--no-progress"], cwd, env)  # fmt: skip
     assert "wrote 4 samples" in made.stdout + made.stderr, made.stdout + made.stderr
-    assert sorted(p.name for p in (cwd / "shards").iterdir()) == ["train-000000.tar", "vocab.json"]
+    assert sorted(p.name for p in (cwd / "shards").iterdir()) == ["train-000000.tar", "train-index.json", "vocab.json"]
 
     predicted = run([installed["capline"], "predict", "--config", "runs/demo/config.yaml", "--ckpt_path",
                      str(demo["ckpt"]), "--data.predict_images", "photos/", "--trainer.logger", "false"], cwd, env)  # fmt: skip
@@ -102,7 +102,7 @@ def test_shards_predict_and_caption_on_a_folder_of_photos(installed, demo):
     rows = [json.loads(line) for line in captioned.stdout.splitlines()]
     assert sorted(Path(row["image"]).name for row in rows) == sorted(names)
     by_image = {Path(row["image"]).name: row["caption"] for row in rows}
-    assert by_image == {Path(row["image"]).name: row["caption"] for row in written}  # the same model, the same beam
+    assert by_image == {Path(row["file"]).name: row["caption"] for row in written}  # the same model, the same beam
     assert all(caption and "<unk>" not in caption for caption in by_image.values())
 
 
