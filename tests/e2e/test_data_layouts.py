@@ -93,8 +93,8 @@ def img2dataset_command() -> str:
     beside = Path(sys.executable).with_name("img2dataset")
     found = os.environ.get("CAPLINE_IMG2DATASET") or shutil.which("img2dataset") or (beside.exists() and str(beside))
     if not found:
-        message = "img2dataset is not installed: python3 -m venv .venv-img2dataset && .venv-img2dataset/bin/pip install "
-        message += "img2dataset, then CAPLINE_IMG2DATASET=.venv-img2dataset/bin/img2dataset"
+        message = "img2dataset is not installed: python3 -m venv .venv-img2dataset && "
+        message += ".venv-img2dataset/bin/pip install img2dataset, then CAPLINE_IMG2DATASET=.venv-img2dataset/bin/img2dataset"
         if os.environ.get("CAPLINE_CI"):
             pytest.fail(message)
         pytest.skip(message)

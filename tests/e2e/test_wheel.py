@@ -62,8 +62,8 @@ def demo(installed) -> dict:
 
 
 def test_the_wheel_holds_the_package_and_its_configs_and_nothing_of_the_checkout_is_used(installed):
-    where = run([installed["python"], "-c", "import capline, capline.config_files as c; print(capline.__file__); "
-                 "print(sorted(c.packaged_configs()))"], installed["cwd"], installed["env"]).stdout.splitlines()  # fmt: skip
+    code = "import capline, capline.config_files as c; print(capline.__file__); print(sorted(c.packaged_configs()))"
+    where = run([installed["python"], "-c", code], installed["cwd"], installed["env"]).stdout.splitlines()
     assert "site-packages" in where[0] and not where[0].startswith(str(ROOT))
     assert {"demo", "flickr8k_cpu", "coco_show_tell", "scst"} <= set(json.loads(where[1].replace("'", '"')))
     listed = run([installed["capline"], "configs"], installed["cwd"], installed["env"]).stdout
@@ -94,7 +94,8 @@ def test_shards_predict_and_caption_on_a_folder_of_photos(installed, demo):
     assert sorted(p.name for p in (cwd / "shards").iterdir()) == ["train-000000.tar", "train-index.json", "vocab.json"]
 
     predicted = run([installed["capline"], "predict", "--config", "runs/demo/config.yaml", "--ckpt_path",
-                     str(demo["ckpt"]), "--data.predict_images", "photos/", "--trainer.logger", "false"], cwd, env)  # fmt: skip
+                     str(demo["ckpt"]), "--data.predict_images", "photos/", "--trainer.logger", "false"],
+                    cwd, env)  # fmt: skip
     written = [json.loads(line) for line in (cwd / "runs/demo/predictions.jsonl").read_text().splitlines()]
     assert sorted(Path(row["file"]).name for row in written) == sorted(names), predicted.stderr[-2000:]
 
