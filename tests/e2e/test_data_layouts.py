@@ -93,8 +93,9 @@ def img2dataset_command() -> str:
     beside = Path(sys.executable).with_name("img2dataset")
     found = os.environ.get("CAPLINE_IMG2DATASET") or shutil.which("img2dataset") or (beside.exists() and str(beside))
     if not found:
-        message = "img2dataset is not installed: python3 -m venv .venv-img2dataset && "
-        message += ".venv-img2dataset/bin/pip install img2dataset, then CAPLINE_IMG2DATASET=.venv-img2dataset/bin/img2dataset"
+        tool = ".venv-img2dataset/bin"
+        message = f"img2dataset is not installed: python3 -m venv .venv-img2dataset && {tool}/pip install img2dataset, "
+        message += f"then CAPLINE_IMG2DATASET={tool}/img2dataset"
         if os.environ.get("CAPLINE_CI"):
             pytest.fail(message)
         pytest.skip(message)
