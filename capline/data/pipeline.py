@@ -130,7 +130,7 @@ class TrainStream(_Stream):
 
     The order is `order`'s (seed, epoch, global batch size), whatever the number of ranks and workers. With
     several workers, each yields its part of every batch, marked `part` (worker, num_workers), and the loader
-    joins the parts (`capline.data.collate.join_worker_parts`). `start_batch` resumes inside an epoch: each lane reads
+    joins the parts (`capline.data.buffers.join_worker_parts`). `start_batch` resumes inside an epoch: each lane reads
     from the block it is in; nothing consumed before it is read again.
     """
 
