@@ -85,7 +85,10 @@ class CaptionSamples(L.Callback):
                 import wandb
 
                 data = [[*r[:2], wandb.Image(r[2].permute(1, 2, 0).numpy()), *r[3:]] for r in self.last_rows]
-                logger.log_table("val/samples", columns=self.columns, data=data, step=trainer.global_step)
+                # at the step Lightning logs this validation's metrics (as its LearningRateMonitor does): the
+                # index of the batch just trained, one below trainer.global_step, so the W&B step never goes back
+                step = trainer.fit_loop.epoch_loop._batches_that_stepped
+                logger.log_table("val/samples", columns=self.columns, data=data, step=step)
 
     def _row(self, kind: str, image_id: int, score: float, with_truth: bool) -> list:
         image, caption, references, true = self._seen[image_id]

@@ -12,6 +12,10 @@ passing a file descriptor for each small tensor.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, get_worker_info
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 _BY_VALUE_BYTES = 1 << 20  # tensors up to this size that are not in shared memory are pickled by value
 
 
@@ -179,7 +184,7 @@ class RecyclingDataLoader(DataLoader):
     ring_slots_beyond_prefetch = 4  # the batch Lightning prefetches, the one in the step, and spares
 
     def __init__(self, *args, stream_state=None, **kwargs):
-        super().__init__(*args, collate_fn=to_transport, **kwargs)
+        super().__init__(*args, collate_fn=to_transport, worker_init_fn=die_with_parent, **kwargs)
         self.stream_state = stream_state
 
     def state_dict(self) -> dict:
@@ -206,6 +211,20 @@ class RecyclingDataLoader(DataLoader):
                 buffers.release(batch)
             batch.pop("buffer_slots", None)
             yield batch
+
+
+def die_with_parent(worker_id: int) -> None:
+    """Makes a loader worker end with the process that started it, even one killed by SIGKILL (the OOM killer,
+    a test, a scheduler). A worker waiting for a free ring slot never gets back to PyTorch's own check that its
+    parent lives, so without this it would wait for ever, holding its shared memory (and it ignores SIGTERM, as
+    the training process it was forked from does until a step boundary)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def to_transport(batch: dict) -> dict:

@@ -87,6 +87,14 @@ def test_fit_logs_losses_and_caption_metrics_to_offline_wandb(trained):
     assert all(0 < u < 0.5 for u in uniform), uniform
     config = run["config"]["config"]
     assert config["trainer"]["max_steps"] == 24 and config["data"]["global_batch_size"] == 16
+    # Rows go forward in trainer/global_step, Lightning's step for loggers (the index of the batch just trained):
+    # a validation after step 12 is logged at 11, its samples table too.
+    steps = [row["trainer/global_step"] for row in run["history"] if "trainer/global_step" in row]
+    assert steps == sorted(steps), steps
+    interval = config["trainer"]["val_check_interval"]
+    for key in ("val/cider", "val/samples/_type"):
+        val_steps = [row["trainer/global_step"] for row in run["history"] if key in row]
+        assert val_steps == [interval * (i + 1) - 1 for i in range(len(ciders))], (key, val_steps)
 
 
 def test_validation_samples_table_has_images_captions_references_and_cider(trained):

@@ -55,6 +55,15 @@ def final_state(run: Path) -> dict:
     return ckpt["state_dict"]
 
 
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def kill_after_checkpoint(cmd: list[str], ckpt: Path, tmp_path: Path) -> int:
     """Starts a run and SIGKILLs it once a mid-epoch checkpoint exists; returns that checkpoint's step."""
     proc = subprocess.Popen(cmd, env=env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -64,8 +73,10 @@ def kill_after_checkpoint(cmd: list[str], ckpt: Path, tmp_path: Path) -> int:
             time.sleep(0.5)  # let the atomic save finish its rename
             step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
             if 6 <= step < STEPS - 6:
+                workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+                assert workers and all(gone_within(int(pid), 10) for pid in workers), "loader workers outlived it"
                 return step
         time.sleep(0.2)
     proc.kill()

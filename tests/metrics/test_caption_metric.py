@@ -141,16 +141,14 @@ def test_bad_updates_raise_clear_errors():
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, batch, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        # Rank r gets images r, r + 2, ... in two uneven updates, the last image repeated as a DistributedSampler pads.
-        mine = [t[rank::world_size] for t in batch]
-        mine = [torch.cat([t, t[-1:]]) for t in mine]
-        metric = fed(split(tuple(mine), 5))
-        results = {name: value.item() for name, value in metric.compute().items()}
-        image_ids, cider, _, _ = metric.per_sample()
-        torch.save({"results": results, "image_ids": image_ids, "cider": cider}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # Rank r gets images r, r + 2, ... in two uneven updates, the last image repeated as a DistributedSampler pads.
+    mine = [t[rank::world_size] for t in batch]
+    mine = [torch.cat([t, t[-1:]]) for t in mine]
+    metric = fed(split(tuple(mine), 5))
+    results = {name: value.item() for name, value in metric.compute().items()}
+    image_ids, cider, _, _ = metric.per_sample()
+    torch.save({"results": results, "image_ids": image_ids, "cider": cider}, os.path.join(out_dir, f"{rank}.pt"))
+    # No destroy_process_group: under torch 2.4 it sometimes hung both ranks (seen on CI); the process ends here.
 
 
 def test_two_gloo_ranks_give_the_single_process_numbers(tmp_path):

@@ -148,13 +148,11 @@ def test_metric_counts_true_captions_once_per_image():
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, tensors, words, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        metric = SceneTruth(words)
-        mine = [t[rank::world_size] for t in tensors]
-        metric.update(*mine[:3], alphas=mine[3], boxes=mine[4], grid=(8, 8))
-        torch.save({k: v.item() for k, v in metric.compute().items()}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    metric = SceneTruth(words)
+    mine = [t[rank::world_size] for t in tensors]
+    metric.update(*mine[:3], alphas=mine[3], boxes=mine[4], grid=(8, 8))
+    torch.save({k: v.item() for k, v in metric.compute().items()}, os.path.join(out_dir, f"{rank}.pt"))
+    # No destroy_process_group: under torch 2.4 it sometimes hung both ranks (seen on CI); the process ends here.
 
 
 def test_two_gloo_ranks_give_the_single_process_numbers(tmp_path):
