@@ -13,6 +13,7 @@ passing a file descriptor for each small tensor.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -184,7 +185,8 @@ class RecyclingDataLoader(DataLoader):
     ring_slots_beyond_prefetch = 4  # the batch Lightning prefetches, the one in the step, and spares
 
     def __init__(self, *args, stream_state=None, **kwargs):
-        super().__init__(*args, collate_fn=to_transport, worker_init_fn=die_with_parent, **kwargs)
+        init_worker = functools.partial(die_with_parent, parent=os.getpid())  # the PID the workers are forked from
+        super().__init__(*args, collate_fn=to_transport, worker_init_fn=init_worker, **kwargs)
         self.stream_state = stream_state
 
     def state_dict(self) -> dict:
@@ -213,17 +215,16 @@ class RecyclingDataLoader(DataLoader):
             yield batch
 
 
-def die_with_parent(worker_id: int) -> None:
+def die_with_parent(worker_id: int, parent: int) -> None:
     """Makes a loader worker end with the process that started it, even one killed by SIGKILL (the OOM killer,
     a test, a scheduler). A worker waiting for a free ring slot never gets back to PyTorch's own check that its
     parent lives, so without this it would wait for ever, holding its shared memory (and it ignores SIGTERM, as
     the training process it was forked from does until a step boundary)."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # the parent died before prctl took effect (read after fork, 1 would pass)
         os._exit(1)
 
 
